@@ -1,0 +1,1 @@
+"""Regularizer losses: one module per method, each a functional + nn.Module pair."""

@@ -1,0 +1,186 @@
+"""Shared input handling for the regularizers: validation, label resizing, flattening,
+per-class sums and global means.
+
+Conventions (all losses):
+
+* features ``(B, D, h, w)`` or flat ``(N, D)``; labels ``(B, H, W)`` (or ``(N,)`` with
+  flat features), integer, values in ``0..K-1`` or ``ignore_index``.
+* labels are brought to feature resolution by *nearest* sampling with PyTorch's
+  default ``F.interpolate(mode="nearest")`` rounding: feature cell ``(i, j)`` takes the
+  label at ``(floor(i * H / h), floor(j * W / w))``, i.e. the top-left pixel of its
+  block when ``H = s * h``. (mmsegmentation does the same; some reference codes use
+  centre sampling.)
+* ignored pixels are mapped to a dump class ``K`` so that per-class sums can be taken
+  in one ``index_add`` with no boolean indexing (no host synchronisation); the dump
+  row is dropped.
+* statistics are accumulated in float32 (float64 stays float64), also under autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..distributed import all_reduce_sum, all_reduce_sum_no_grad
+
+_VALIDATE = True
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the (host-synchronising) value checks on inputs on or off globally.
+
+    Shape, dtype and device checks are always done; value checks (finite features,
+    label range) need a device-to-host copy and are skipped when disabled or while
+    ``torch.compile`` traces.
+    """
+    global _VALIDATE
+    _VALIDATE = bool(enabled)
+
+
+def _value_checks_enabled() -> bool:
+    if not _VALIDATE:
+        return False
+    try:
+        return not torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return True
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def no_autocast(x: torch.Tensor) -> Iterator[None]:
+    """Disable autocast for the statistics (they are accumulated in float32)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield
+
+
+def check_floating(name: str, x: torch.Tensor, dims: tuple[int, ...]) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"`{name}` must be {want}, got shape {tuple(x.shape)}")
+    if _value_checks_enabled() and not bool(torch.isfinite(x.detach()).all()):
+        raise ValueError(f"`{name}` contains non-finite values (NaN or Inf)")
+
+
+def check_labels(labels: torch.Tensor, num_classes: Optional[int], ignore_index: int, name: str = "labels") -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor, got dtype {labels.dtype}")
+    if num_classes is not None and _value_checks_enabled() and labels.numel() > 0:
+        valid = labels[labels != ignore_index]
+        if valid.numel() > 0:
+            lo, hi = int(valid.min()), int(valid.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(
+                    f"`{name}` values must be in 0..{num_classes - 1} or ignore_index={ignore_index}, "
+                    f"found values in [{lo}, {hi}]"
+                )
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            names = ", ".join(f"`{n}` on {t.device}" for n, t in items)
+            raise ValueError(f"inputs must be on the same device, got {names}")
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-sample integer labels ``(B, H, W)`` to ``size = (h, w)`` (floor rounding)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    out = F.interpolate(labels[:, None].float(), size=size, mode="nearest")
+    return out[:, 0].to(labels.dtype)
+
+
+def flatten_features(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    feature_name: str = "features",
+    label_name: str = "labels",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(N, D)`` features and ``(N,)`` labels.
+
+    ``features`` is ``(B, D, h, w)`` with labels ``(B, H, W)`` (resized to ``(h, w)``),
+    or ``(N, D)`` with labels ``(N,)``.
+    """
+    check_floating(feature_name, features, (2, 4))
+    if features.dim() == 4:
+        if labels.dim() != 3 or labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"`{label_name}` must be (B, H, W) with B={features.shape[0]} to match "
+                f"`{feature_name}` of shape {tuple(features.shape)}, got {tuple(labels.shape)}"
+            )
+        labels = resize_labels(labels, tuple(features.shape[-2:]))
+        b, d, h, w = features.shape
+        flat = features.permute(0, 2, 3, 1).reshape(b * h * w, d)
+        return flat, labels.reshape(-1)
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"`{label_name}` must be (N,) with N={features.shape[0]} to match flat "
+            f"`{feature_name}` of shape {tuple(features.shape)}, got {tuple(labels.shape)}"
+        )
+    return features, labels
+
+
+def dump_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Labels as int64 with ignored pixels mapped to the dump class ``num_classes``."""
+    labels = labels.long()
+    return torch.where(labels == ignore_index, torch.full_like(labels, num_classes), labels)
+
+
+@dataclass
+class ClassStats:
+    """Global per-class sums of a batch.
+
+    sums: ``(K, D)`` sum of features per class (differentiable, globally all-reduced).
+    counts: ``(K,)`` number of valid pixels per class (no gradient, global).
+    """
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def present(self) -> torch.Tensor:
+        return self.counts > 0
+
+    def centres(self) -> torch.Tensor:
+        """``(K, D)`` batch centres; rows of absent classes are 0 (mask with ``present``)."""
+        return self.sums / self.counts.clamp(min=1).unsqueeze(1)
+
+
+def class_stats(feats: torch.Tensor, dlabels: torch.Tensor, num_classes: int) -> ClassStats:
+    """One-pass per-class sums and counts of flat ``feats (N, D)`` with dump labels ``(N,)``.
+
+    Global across processes when a process group is initialised.
+    """
+    n, d = feats.shape
+    sums = feats.new_zeros(num_classes + 1, d).index_add(0, dlabels, feats)[:num_classes]
+    counts = torch.bincount(dlabels, minlength=num_classes + 1)[:num_classes].to(feats.dtype)
+    return ClassStats(all_reduce_sum(sums), all_reduce_sum_no_grad(counts))
+
+
+def global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-pixel quantity over the global batch; 0 (with a finite gradient) when empty.
+
+    ``local_sum`` carries gradient; ``local_count`` is a count (no gradient).
+    """
+    total = all_reduce_sum(local_sum)
+    count = all_reduce_sum_no_grad(local_count.to(total.dtype))
+    return total / count.clamp(min=1)
