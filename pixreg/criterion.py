@@ -1,0 +1,209 @@
+"""Cross-entropy plus any set of regularizers, and a wrapper that attaches it to a model.
+
+>>> import torch, pixreg
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+>>> criterion = pixreg.RegularizedCriterion({
+...     "car": pixreg.Term(pixreg.CARLoss(num_classes=4), weight=1.0, warmup=0),
+...     "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), weight=1.0),
+... })
+>>> wrapped = pixreg.RegularizedModel(model, criterion, layers="1")
+>>> x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))
+>>> out = wrapped.loss(wrapped(x), y)
+>>> sorted(out.terms)[:3], out.total.ndim
+(['car', 'car/inter_c2c', 'car/inter_c2p'], 0)
+>>> inference_model = wrapped.unwrap()      # the original model, hooks removed
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import FeatureCapture
+from .losses._common import check_floating, check_labels, check_same_device
+from .losses.base import Regularizer
+
+__all__ = ["Term", "CriterionOutput", "RegularizedCriterion", "RegularizedModel"]
+
+
+@dataclass
+class Term:
+    """One regularizer in a :class:`RegularizedCriterion`.
+
+    Args:
+        loss: the regularizer module.
+        weight: multiplies the regularizer's loss (which already includes its own term weights).
+        warmup: number of training steps (criterion calls in training mode) during which
+            the term is off: not computed, state not updated, reported as 0.
+        layer: which captured feature layer feeds it (default: the only one, or the
+            tensor passed as ``features``).
+        projection: optional training-only module applied to the features first (e.g. a
+            1x1 conv for CAR or C+1); it belongs to the criterion, not to the model.
+    """
+
+    loss: Regularizer
+    weight: float = 1.0
+    warmup: int = 0
+    layer: Optional[str] = None
+    projection: Optional[nn.Module] = None
+
+
+class CriterionOutput(NamedTuple):
+    """``total``: scalar to backpropagate. ``terms``: detached scalars for logging:
+    ``"ce"``, ``"<name>"`` (weighted regularizer total) and ``"<name>/<term>"``."""
+
+    total: torch.Tensor
+    terms: Dict[str, torch.Tensor]
+
+
+class RegularizedCriterion(nn.Module):
+    """``total = ce_weight * CE(logits, labels) + sum_r weight_r * L_r``.
+
+    Args:
+        regularizers: name -> :class:`Term` (or a bare regularizer, weight 1, no warm-up).
+        ce_weight: weight of the cross-entropy (0 switches it off).
+        ignore_index: label value ignored by CE and by every regularizer.
+        class_weight: optional ``(K,)`` CE class weights.
+
+    ``forward(logits, labels, features=None)``: logits ``(B, K, H, W)``; labels
+    ``(B, H', W')`` (logits are bilinearly upsampled to the label size if they differ);
+    features a tensor or a dict ``{layer: tensor}`` (as :class:`FeatureCapture` gives).
+    The step counter (a buffer, saved in ``state_dict``) advances on every call in
+    training mode and drives the warm-ups. Learnable parts (projections, RCH's head,
+    learnable centres) are parameters of this module: give them to the optimiser.
+    """
+
+    def __init__(
+        self,
+        regularizers: Optional[Mapping[str, Union[Term, Regularizer]]] = None,
+        *,
+        ce_weight: float = 1.0,
+        ignore_index: int = 255,
+        class_weight: Optional[torch.Tensor] = None,
+    ) -> None:
+        super().__init__()
+        self.ce_weight = float(ce_weight)
+        self.ignore_index = int(ignore_index)
+        self.specs: Dict[str, Term] = {}
+        self.losses = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        for name, spec in (regularizers or {}).items():
+            if "/" in name or "." in name:
+                raise ValueError(f"`regularizers`: name {name!r} must not contain '/' or '.'")
+            if isinstance(spec, Regularizer):
+                spec = Term(spec)
+            if not isinstance(spec, Term) or not isinstance(spec.loss, Regularizer):
+                raise TypeError(f"`regularizers[{name!r}]` must be a pixreg Term or regularizer, got {type(spec).__name__}")
+            if getattr(spec.loss, "ignore_index", self.ignore_index) != self.ignore_index:
+                raise ValueError(
+                    f"`regularizers[{name!r}]` has ignore_index={spec.loss.ignore_index}, "
+                    f"the criterion has {self.ignore_index}"
+                )
+            self.specs[name] = spec
+            self.losses[name] = spec.loss
+            if spec.projection is not None:
+                self.projections[name] = spec.projection
+        self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _features_for(self, name: str, spec: Term, features) -> torch.Tensor:
+        if isinstance(features, torch.Tensor):
+            feats = features
+        elif isinstance(features, Mapping) and features:
+            key = spec.layer
+            if key is None:
+                if len(features) != 1:
+                    raise ValueError(
+                        f"`features` holds layers {list(features)}; set Term(layer=...) for regularizer {name!r}"
+                    )
+                key = next(iter(features))
+            if key not in features:
+                raise ValueError(f"`features` has no layer {key!r} for regularizer {name!r} (has {list(features)})")
+            feats = features[key]
+        else:
+            raise ValueError(f"regularizer {name!r} needs `features` (a tensor or a dict of captured layers)")
+        if name in self.projections:
+            feats = self.projections[name](feats)
+        return feats
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean CE over valid pixels (weighted mean with class weights); 0 when all are ignored.
+
+        Per-process mean, like ``F.cross_entropy`` under DDP (DDP averages its gradient).
+        """
+        labels = labels.long()
+        valid = labels != self.ignore_index
+        w = None if self.class_weight is None else self.class_weight.to(logits.device)
+        total = F.cross_entropy(logits.float(), labels, weight=w, ignore_index=self.ignore_index, reduction="sum")
+        if w is None:
+            denom = valid.sum()
+        else:
+            denom = torch.where(valid, w[labels.clamp(0, w.numel() - 1)], w.new_zeros(())).sum()
+        return total / denom.clamp(min=1e-12) if w is not None else total / denom.clamp(min=1)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        features: Union[torch.Tensor, Mapping[str, torch.Tensor], None] = None,
+    ) -> CriterionOutput:
+        check_floating("logits", logits, (4,))
+        check_labels(labels, logits.shape[1], self.ignore_index)
+        if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"`labels` must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
+        check_same_device(logits=logits, labels=labels)
+        if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        step = int(self.step)  # one host read per step, for the warm-ups
+        if self.training:
+            self.step += 1
+        terms: Dict[str, torch.Tensor] = {}
+        total = logits.new_zeros(())
+        if self.ce_weight:
+            ce = self._cross_entropy(logits, labels)
+            total = total + self.ce_weight * ce
+            terms["ce"] = ce.detach()
+        for name, spec in self.specs.items():
+            loss_mod = self.losses[name]
+            if self.training and step < spec.warmup:
+                terms[name] = total.new_zeros(()).detach()
+                continue
+            feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
+            value = loss_mod.compute(labels, features=feats, logits=logits if loss_mod.uses_logits else None)
+            total = total + spec.weight * value
+            terms[name] = (spec.weight * value).detach()
+            for tname, tval in loss_mod.terms.items():
+                terms[f"{name}/{tname}"] = (spec.weight * tval).detach()
+        return CriterionOutput(total, terms)
+
+
+class RegularizedModel(nn.Module):
+    """A model plus a criterion fed by hooks on the model's layers.
+
+    ``forward`` is the model's own forward (same output); the hooks record the
+    features of ``layers``; ``loss(logits, labels)`` evaluates the criterion on them.
+    ``unwrap()`` removes the hooks and returns the original model, which then has
+    exactly the parameters and outputs it would have had without pixreg. Training-only
+    heads live in ``criterion`` and are not part of the returned model.
+    """
+
+    def __init__(self, model: nn.Module, criterion: RegularizedCriterion, layers: Union[str, Sequence[str]]) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.capture = FeatureCapture(model, layers)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> CriterionOutput:
+        needs = any(m.uses_features for m in self.criterion.losses.values())
+        return self.criterion(logits, labels, features=self.capture.features if needs else None)
+
+    def unwrap(self) -> nn.Module:
+        self.capture.remove()
+        return self.model
