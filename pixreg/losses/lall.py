@@ -1,0 +1,302 @@
+"""Locally adaptive learning loss (LALL) on segmentation logits.
+
+For every valid centre pixel ``p`` (label ``y_p != ignore_index``, on the stride grid),
+the z-scored logit vectors of the pixels ``q`` of the ``s x s`` window around ``p`` that
+carry the same label are pooled with chessboard-distance weights, and the pooled vector
+is scored by softmax cross-entropy against ``y_p``:
+
+.. math::
+
+    \\hat z_q = (z_q - \\mathrm{mean}_K(z_q)) / \\max(\\mathrm{std}_K(z_q), \\varepsilon)
+
+    v_p = \\frac{1}{\\xi_p} \\sum_{q \\in N_s(p),\\, y_q = y_p} w(p, q)\\, \\hat z_q,
+    \\qquad w(p, q) = 2^{1 - d_8(p, q)}
+
+    L_p = -\\log \\mathrm{softmax}(v_p)_{y_p}
+
+    L = \\Big( \\frac{1}{|P|} \\sum_{p \\in P} L_p^k \\Big)^{1/k}
+
+with ``xi_p`` the number of same-label pixels in the window (centre included; the
+paper's reading) or, optionally, the sum of their weights; ``P`` the valid centre
+pixels of the whole (global) batch; ``k`` the Minkowski power (3 in the paper).
+
+The pooled vectors are built from shifted views of the normalised logits (one Python
+iteration per window offset), never from an unfolded ``(B, K*s*s, H*W)`` tensor, so
+the extra memory is ``O(B*K*H*W)`` (plus one boolean ``(B, H, W)`` mask per offset,
+kept for the backward pass).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_floating, check_labels, check_same_device, compute_dtype, global_mean, no_autocast
+from .base import LossOutput, Regularizer
+
+__all__ = ["locally_adaptive_loss", "LocallyAdaptiveLoss"]
+
+_DISTANCE_WEIGHTS = ("exponential", "uniform")
+_NORMALIZE = ("zscore", None)
+_XI = ("count", "weight_sum")
+
+
+def _check_hparams(
+    window: int,
+    distance_weights: str,
+    normalize: Optional[str],
+    power: float,
+    stride: int,
+    xi: str,
+    eps: float,
+    num_classes: Optional[int],
+) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"`window` must be a positive odd integer, got {window!r}")
+    if distance_weights not in _DISTANCE_WEIGHTS:
+        raise ValueError(f"`distance_weights` must be one of {_DISTANCE_WEIGHTS}, got {distance_weights!r}")
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"`normalize` must be one of {_NORMALIZE}, got {normalize!r}")
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power < 1:
+        raise ValueError(f"`power` (Minkowski exponent k) must be a finite number >= 1, got {power!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"`stride` must be a positive integer, got {stride!r}")
+    if xi not in _XI:
+        raise ValueError(f"`xi` must be one of {_XI}, got {xi!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"`eps` must be a positive finite number, got {eps!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"`num_classes` must be a positive integer or None, got {num_classes!r}")
+
+
+def _offset_slices(size: int, d: int, stride: int) -> Optional[tuple[slice, slice]]:
+    """Slices pairing centres (on the stride grid, in grid coordinates) with neighbours at offset ``d``.
+
+    Centre grid index ``c`` is pixel ``c * stride``; its neighbour is pixel ``c * stride + d``.
+    Both must lie in ``0..size-1``. Returns ``(centre_slice, neighbour_slice)`` or None when empty.
+    """
+    n_centres = -(-size // stride)
+    lo = -(-max(0, -d) // stride)  # first c with c*stride + d >= 0
+    hi = min(n_centres, (size - 1 - d) // stride + 1) if size - 1 - d >= 0 else 0  # c*stride + d <= size-1
+    if hi <= lo:
+        return None
+    return slice(lo, hi), slice(lo * stride + d, (hi - 1) * stride + d + 1, stride)
+
+
+def locally_adaptive_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    window: int = 5,
+    distance_weights: str = "exponential",
+    normalize: Optional[str] = "zscore",
+    power: float = 3.0,
+    stride: int = 1,
+    xi: str = "count",
+    ignore_index: int = 255,
+    eps: float = 1e-5,
+    num_classes: Optional[int] = None,
+    weight: float = 1.0,
+) -> LossOutput:
+    """Locally adaptive learning loss (LALL), Minkowski-pooled over the batch.
+
+    For each valid centre pixel ``p``: ``v_p = (1/xi_p) * sum_q w(p,q) * zhat_q`` over
+    the pixels ``q`` of the ``window x window`` neighbourhood with ``y_q == y_p``
+    (``w = 2^(1 - d8(p, q))``: 2 at the centre, 1 at chessboard distance 1, 1/2 at 2,
+    ...); ``L_p = CE(v_p, y_p)`` (softmax cross-entropy, nats); the loss is
+    ``weight * (mean_p L_p^power)^(1/power)``.
+
+    Args:
+        logits: ``(B, K, h, w)`` floating logits. If ``(h, w)`` differs from the label
+            size they are resized *bilinearly* to ``(H, W)`` with
+            ``align_corners=False`` (the loss is defined at label resolution).
+        labels: ``(B, H, W)`` integer labels in ``0..K-1`` or ``ignore_index``.
+        window: odd side ``s`` of the square window (5 is the paper's best; 3, 7 also
+            reported). Neighbours outside the image do not exist: no padding value
+            ever enters the pool, and they are not counted in ``xi``.
+        distance_weights: ``"exponential"`` (``2^(1 - d8)``, the paper) or
+            ``"uniform"`` (all weights 1).
+        normalize: ``"zscore"`` (each pixel's logit vector minus its mean over the K
+            entries, divided by its *population* standard deviation, floored at
+            ``eps``) or ``None`` (raw logits are pooled).
+        power: Minkowski exponent ``k >= 1`` of the batch pooling (3 in the paper;
+            1 gives the plain mean of ``L_p``).
+        stride: centre pixels are those at ``(i, j)`` with ``i % stride == 0`` and
+            ``j % stride == 0`` (grid anchored at the top-left pixel); neighbours are
+            taken at full resolution. 1 in the paper.
+        xi: ``"count"`` (the paper: number of same-label pixels in the window, centre
+            included, so an isolated pixel pools to ``2 * zhat_p``) or
+            ``"weight_sum"`` (sum of their weights: a weighted average).
+        ignore_index: label value that is ignored: such pixels are never centres
+            (never counted in the mean) and never pool as neighbours.
+        eps: floor of the per-pixel standard deviation in the z-score,
+            ``std_eff = max(std, eps)``. The z-score is exact whenever
+            ``std >= eps``; a pixel with all-equal logits normalises to the zero
+            vector, with a finite (zero) gradient through its std.
+        num_classes: optional check: must equal ``K`` of ``logits``.
+        weight: multiplier of the returned loss (term ``"lall"``).
+
+    Returns:
+        ``LossOutput(loss, {"lall": loss})``, a float32 scalar (float64 for float64
+        logits). Gradient flows to the logits of every centre and every pooled
+        neighbour (nothing is detached). With no valid centre pixel in the (global)
+        batch the loss is 0 with a zero gradient; the ``1/k`` root is guarded so that
+        a tiny mean never gives an infinite or NaN gradient.
+
+    The mean over centre pixels is global under ``torch.distributed`` (numerator and
+    count all-reduced through :func:`pixreg.losses._common.global_mean`).
+    Computed in float32 with autocast disabled.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+        >>> labels = torch.randint(0, 4, (2, 8, 8))
+        >>> labels[:, 0] = 255
+        >>> out = locally_adaptive_loss(logits, labels, window=5)
+        >>> out.loss.backward()
+        >>> bool(torch.isfinite(logits.grad).all()), sorted(out.terms)
+        (True, ['lall'])
+    """
+    _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes)
+    check_same_device(logits=logits, labels=labels)
+    check_floating("logits", logits, (4,))
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"`labels` must be (B, H, W) with B={logits.shape[0]} to match `logits` of shape "
+            f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+        )
+    k_classes = logits.shape[1]
+    if num_classes is not None and num_classes != k_classes:
+        raise ValueError(f"`num_classes`={num_classes} does not match the K={k_classes} channels of `logits`")
+    check_labels(labels, k_classes, ignore_index)
+
+    dtype = compute_dtype(logits)
+    with no_autocast(logits):
+        z = logits.to(dtype)
+        height, width = labels.shape[-2:]
+        if tuple(z.shape[-2:]) != (height, width):
+            z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
+        if normalize == "zscore":
+            centred = z - z.mean(dim=1, keepdim=True)
+            std = centred.pow(2).mean(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()
+            z = centred / std
+
+        labels = labels.long()
+        centre_labels = labels[:, ::stride, ::stride]  # (B, Hc, Wc)
+        valid = centre_labels != ignore_index
+        bsz = z.shape[0]
+        hc, wc = centre_labels.shape[-2:]
+        pooled = z.new_zeros(bsz, k_classes, hc, wc)
+        xi_den = z.new_zeros(bsz, hc, wc)
+        radius = window // 2
+        for di in range(-radius, radius + 1):
+            rows = _offset_slices(height, di, stride)
+            if rows is None:
+                continue
+            for dj in range(-radius, radius + 1):
+                cols = _offset_slices(width, dj, stride)
+                if cols is None:
+                    continue
+                (cr, nr), (cc, nc) = rows, cols
+                w = 2.0 ** (1 - max(abs(di), abs(dj))) if distance_weights == "exponential" else 1.0
+                # same label as a valid centre (implies the neighbour is valid too)
+                same = (labels[:, nr, nc] == centre_labels[:, cr, cc]) & valid[:, cr, cc]
+                term = torch.where(same.unsqueeze(1), z[:, :, nr, nc], 0.0)
+                pooled[:, :, cr, cc] += term if w == 1.0 else w * term
+                xi_den[:, cr, cc] += same.to(dtype) * (w if xi == "weight_sum" else 1.0)
+        pooled = pooled / torch.where(xi_den > 0, xi_den, torch.ones_like(xi_den)).unsqueeze(1)
+
+        target = torch.where(valid, centre_labels, torch.zeros_like(centre_labels))
+        ce = F.cross_entropy(pooled, target, reduction="none")  # (B, Hc, Wc)
+        ce = torch.where(valid, ce, torch.zeros_like(ce))
+        numerator = ce.pow(power).sum() if power != 1 else ce.sum()
+        mean = global_mean(numerator, valid.sum().to(dtype))
+        if power == 1:
+            loss = mean
+        else:
+            tiny = torch.finfo(dtype).tiny
+            loss = torch.where(mean > tiny, mean.clamp_min(tiny).pow(1.0 / power), torch.zeros_like(mean))
+        loss = loss * weight
+    return LossOutput(loss, {"lall": loss})
+
+
+class LocallyAdaptiveLoss(Regularizer):
+    """Module form of :func:`locally_adaptive_loss` (no state; hyper-parameters only).
+
+    ``forward(logits, labels)`` returns the weighted scalar loss; ``terms`` holds
+    ``{"lall": ...}`` of the last call.
+
+    Example:
+        >>> import torch
+        >>> crit = LocallyAdaptiveLoss(window=5, power=3)
+        >>> loss = crit(torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8)))
+        >>> loss.shape, list(crit.terms)
+        (torch.Size([]), ['lall'])
+    """
+
+    uses_features = False
+    uses_logits = True
+
+    def __init__(
+        self,
+        window: int = 5,
+        distance_weights: str = "exponential",
+        normalize: Optional[str] = "zscore",
+        power: float = 3.0,
+        stride: int = 1,
+        xi: str = "count",
+        ignore_index: int = 255,
+        eps: float = 1e-5,
+        num_classes: Optional[int] = None,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes)
+        self.window = window
+        self.distance_weights = distance_weights
+        self.normalize = normalize
+        self.power = power
+        self.stride = stride
+        self.xi = xi
+        self.ignore_index = ignore_index
+        self.eps = eps
+        self.num_classes = num_classes
+        self.weight = weight
+
+    def extra_repr(self) -> str:
+        return (
+            f"window={self.window}, distance_weights={self.distance_weights!r}, normalize={self.normalize!r}, "
+            f"power={self.power}, stride={self.stride}, xi={self.xi!r}, ignore_index={self.ignore_index}, "
+            f"weight={self.weight}"
+        )
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = locally_adaptive_loss(
+            logits,
+            labels,
+            window=self.window,
+            distance_weights=self.distance_weights,
+            normalize=self.normalize,
+            power=self.power,
+            stride=self.stride,
+            xi=self.xi,
+            ignore_index=self.ignore_index,
+            eps=self.eps,
+            num_classes=self.num_classes,
+            weight=self.weight,
+        )
+        return self._record(out)
+
+    def compute(
+        self,
+        labels: torch.Tensor,
+        features: Optional[torch.Tensor] = None,
+        logits: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if logits is None:
+            raise ValueError("LocallyAdaptiveLoss needs `logits` (B, K, H, W); got logits=None")
+        return self.forward(logits, labels)
