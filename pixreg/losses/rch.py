@@ -1,0 +1,584 @@
+"""RCH: the representation calibration head (METHODS.md section 4).
+
+Wang et al., "Renovate Yourself: Calibrating Feature Representation of Misclassified
+Pixels for Semantic Segmentation" (AAAI 2022).
+
+A training-only side branch embeds the features, ``e = conv1x1(x)`` (optionally
+followed by BatchNorm, as in the released code). Per class ``k`` the pixels are split
+from the ground truth ``y`` and the argmax prediction ``c`` of the segmentation logits:
+
+* ``TP_k = {i : y_i = k, c_i = k}``, ``FN_k = {i : y_i = k, c_i != k}``,
+  ``FP_k = {i : y_i != k, c_i = k}``; ignored pixels belong to no set.
+
+Prototypes ``mu_k`` are an EMA of the TP means; a metric loss pulls each anchor pixel
+(a non-ignored pixel labelled ``k`` whose prototype exists) to ``mu_k`` with two softmax
+cross-entropies over cosine logits whose true-class logit is lowered by the FN
+compensation ``phi`` and the FP penalty ``psi``. See :func:`rch_loss` for the equations,
+the switches and every documented choice.
+
+Functional API: :func:`rch_loss` (the metric loss for given prototypes) and
+:func:`rch_update_prototypes` (the pure TP-mean EMA update). Module: :class:`RCHLoss`
+(owns the embedding head and the prototype buffers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import all_reduce_sum_no_grad
+from ._common import (
+    check_floating,
+    check_labels,
+    check_same_device,
+    class_stats,
+    compute_dtype,
+    dump_labels,
+    flatten_features,
+    global_mean,
+    no_autocast,
+)
+from .base import LossOutput, Regularizer
+
+__all__ = ["rch_loss", "rch_update_prototypes", "RCHLoss", "TERM_NAMES"]
+
+TERM_NAMES = ("fn", "fp")
+_SETS = ("batch", "image")
+_CALIBRATIONS = ("mean_of_cosines", "cosine_to_mean")
+_UPDATES = ("before", "after")
+_NORM_EPS = 1e-12  # cosine: u / max(|u|, eps), as F.normalize
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_real(name: str, v: float, *, positive: bool = False, lo: Optional[float] = None,
+                hi: Optional[float] = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"`{name}` must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"`{name}` must be > 0, got {v}")
+    if lo is not None and v < lo:
+        raise ValueError(f"`{name}` must be >= {lo}, got {v}")
+    if hi is not None and v >= hi:
+        raise ValueError(f"`{name}` must be < {hi}, got {v}")
+
+
+def _check_choice(name: str, v: str, choices: Tuple[str, ...]) -> None:
+    if v not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {v!r}")
+
+
+def _check_int(name: str, v: int, lo: Optional[int] = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"`{name}` must be an int, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ValueError(f"`{name}` must be >= {lo}, got {v}")
+
+
+def _check_loss_args(tau: float, weight: float, hard_weight: float, sets: str, calibration: str) -> None:
+    _check_real("tau", tau, positive=True)
+    _check_real("weight", weight, lo=0.0)
+    _check_real("hard_weight", hard_weight, lo=0.0)
+    _check_choice("sets", sets, _SETS)
+    _check_choice("calibration", calibration, _CALIBRATIONS)
+
+
+def _check_prototypes(prototypes: torch.Tensor, mask: Optional[torch.Tensor], mask_name: str) -> None:
+    check_floating("prototypes", prototypes, (2,))
+    k = prototypes.shape[0]
+    if k < 1:
+        raise ValueError(f"`prototypes` must have at least one row (class), got shape {tuple(prototypes.shape)}")
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"`{mask_name}` must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`{mask_name}` must be a bool tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != (k,):
+        raise ValueError(f"`{mask_name}` must have shape ({k},) to match `prototypes`, got {tuple(mask.shape)}")
+
+
+# ----------------------------------------------------------------------- preparation
+
+
+@dataclass
+class _Prepared:
+    """Flat, resized inputs shared by the loss and the prototype update."""
+
+    emb: torch.Tensor  # (N, E) compute dtype, carries gradient
+    dlabels: torch.Tensor  # (N,) int64 GT, ignored -> K (dump class)
+    pred: torch.Tensor  # (N,) int64 argmax of the (resized) logits
+    p_true: torch.Tensor  # (N,) probability of the GT class (no gradient); arbitrary on ignored pixels
+    image: Optional[torch.Tensor]  # (N,) image index of each pixel; None for flat inputs
+    num_images: int
+    num_classes: int
+
+
+def _prepare(embeddings: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             ignore_index: int) -> _Prepared:
+    check_same_device(embeddings=embeddings, logits=logits, labels=labels)
+    check_floating("embeddings", embeddings, (2, 4))
+    check_floating("logits", logits, (2, 4))
+    check_labels(labels, num_classes, ignore_index)
+    if logits.dim() != embeddings.dim():
+        want = "(B, K, H, W)" if embeddings.dim() == 4 else "(N, K)"
+        raise ValueError(
+            f"`logits` must be {want} to match `embeddings` of shape {tuple(embeddings.shape)}, "
+            f"got {tuple(logits.shape)}"
+        )
+    if logits.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"`logits` batch size {logits.shape[0]} does not match `embeddings` batch size {embeddings.shape[0]}"
+        )
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"`logits` has {logits.shape[1]} classes (dim 1), expected num_classes={num_classes}")
+    emb, lab = flatten_features(embeddings, labels, feature_name="embeddings")
+    dt = compute_dtype(embeddings)
+    with no_autocast(embeddings):
+        emb = emb.to(dt)
+        z = logits.detach().to(dt)  # the sets and p_ik carry no gradient (documented in rch_loss)
+        if z.dim() == 4:
+            b, _, h, w = embeddings.shape
+            if tuple(z.shape[-2:]) != (h, w):
+                z = F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
+            z = z.permute(0, 2, 3, 1).reshape(b * h * w, num_classes)
+            image = torch.arange(b, device=emb.device).repeat_interleave(h * w)
+            num_images = b
+        else:
+            image, num_images = None, 1
+        prob = torch.softmax(z, dim=1)
+        pred = z.argmax(dim=1)
+        dl = dump_labels(lab, num_classes, ignore_index)
+        p_true = prob.gather(1, dl.clamp(max=num_classes - 1)[:, None])[:, 0]
+    return _Prepared(emb, dl, pred, p_true, image, num_images, num_classes)
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+def _set_indices(prep: _Prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dump-label indices ``(N,)`` of the TP, FN and FP set of each pixel (``K`` = no set)."""
+    k = prep.num_classes
+    dl, pred = prep.dlabels, prep.pred
+    valid = dl < k
+    correct = pred == dl
+    dump = torch.full_like(dl, k)
+    tp = torch.where(valid & correct, dl, dump)
+    wrong = valid & ~correct
+    fn = torch.where(wrong, dl, dump)  # FN of its GT class
+    fp = torch.where(wrong, pred, dump)  # FP of its predicted class
+    return tp, fn, fp
+
+
+def _anchor_set_sums(feats: torch.Tensor, members: torch.Tensor, prep: _Prepared, sets: str
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For every pixel ``i``: sum of ``feats`` over the set ``S_{y_i}`` given by ``members``, and its size.
+
+    ``members`` are dump-label indices of set membership. ``sets="batch"``: one set per
+    class over the global batch (sums and counts all-reduced, the sums differentiably);
+    ``sets="image"``: one set per (image, class) pair, index ``b * K + k``, purely local
+    (an image never spans two processes, so no reduction is needed).
+    Returns ``(N, E)`` sums and ``(N,)`` counts (rows of ignored pixels are arbitrary).
+    """
+    k = prep.num_classes
+    n, d = feats.shape
+    if sets == "batch":
+        st = class_stats(feats, members, k)
+        sums = torch.cat([st.sums, st.sums.new_zeros(1, d)])
+        counts = torch.cat([st.counts, st.counts.new_zeros(1)])
+        row = prep.dlabels
+    else:
+        assert prep.image is not None
+        rows = prep.num_images * k
+        idx = torch.where(members < k, prep.image * k + members, torch.full_like(members, rows))
+        sums = feats.new_zeros(rows + 1, d).index_add(0, idx, feats)
+        counts = torch.bincount(idx, minlength=rows + 1).to(feats.dtype)
+        row = torch.where(prep.dlabels < k, prep.image * k + prep.dlabels, torch.full_like(idx, rows))
+    return sums[row], counts[row]
+
+
+def _calibration(emb: torch.Tensor, emb_hat: torch.Tensor, members: torch.Tensor, prep: _Prepared,
+                 sets: str, calibration: str, sign: float) -> torch.Tensor:
+    """``1 + sign * m_i`` where ``m_i`` is the FN/FP similarity of anchor ``i``; 0 where the set is empty."""
+    if calibration == "mean_of_cosines":
+        # mean_j cos(e_j, e_i) = e_i_hat . (sum_j e_j_hat) / |S|  -- no pixel-pair matrix
+        s, c = _anchor_set_sums(emb_hat, members, prep, sets)
+        m = (emb_hat * s).sum(1) / c.clamp(min=1)
+    else:
+        # cos(e_i, mean_j e_j): the direction of the mean is the direction of the sum
+        s, c = _anchor_set_sums(emb, members, prep, sets)
+        m = (emb_hat * F.normalize(s, dim=1, eps=_NORM_EPS)).sum(1)
+    return torch.where(c > 0, 1.0 + sign * m, torch.zeros_like(m))
+
+
+def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tensor, *, tau: float,
+          weight: float, hard_weight: float, use_fn: bool, use_fp: bool, sets: str,
+          calibration: str) -> LossOutput:
+    if sets == "image" and prep.image is None:
+        raise ValueError("`sets='image'` needs (B, E, h, w) embeddings; flat (N, E) inputs have no images")
+    k = prep.num_classes
+    emb = prep.emb
+    dt = emb.dtype
+    if prototypes.shape[1] != emb.shape[1]:
+        raise ValueError(
+            f"`prototypes` has dimension {prototypes.shape[1]}, `embeddings` have {emb.shape[1]} channels"
+        )
+    with no_autocast(emb):
+        proto = prototypes.detach().to(dtype=dt, copy=True)  # EMA state: never a gradient path
+        pvalid = prototype_valid.detach().clone()
+        dl = prep.dlabels
+        gt = dl.clamp(max=k - 1)
+        anchor = (dl < k) & pvalid[gt]
+        emb_hat = F.normalize(emb, dim=1, eps=_NORM_EPS)
+        cos = emb_hat @ F.normalize(proto, dim=1, eps=_NORM_EPS).t()  # (N, K)
+        z = cos / tau
+        # classes without a prototype leave the softmax; non-anchor rows stay finite (masked later)
+        keep = pvalid[None, :] | ~anchor[:, None]
+        z = z.masked_fill(~keep, float("-inf"))
+        onehot = F.one_hot(dl, k + 1)[:, :k].to(dt)
+        base = hard_weight * (1.0 - prep.p_true)  # (1 - p_ik), detached (from logits.detach())
+
+        def ce(calib: Optional[torch.Tensor]) -> torch.Tensor:
+            zc = z if calib is None else z - onehot * (base * calib)[:, None]
+            per_pixel = torch.logsumexp(zc, dim=1) - zc.gather(1, gt[:, None])[:, 0]
+            per_pixel = torch.where(anchor, per_pixel, torch.zeros_like(per_pixel))
+            return weight * global_mean(per_pixel.sum(), anchor.sum())
+
+        phi = psi = None
+        if use_fn or use_fp:
+            _, fn_idx, fp_idx = _set_indices(prep)
+            if use_fn:
+                phi = _calibration(emb, emb_hat, fn_idx, prep, sets, calibration, -1.0)
+            if use_fp:
+                psi = _calibration(emb, emb_hat, fp_idx, prep, sets, calibration, +1.0)
+        fn_term = ce(phi)
+        fp_term = fn_term if (phi is None and psi is None) else ce(psi)
+    return LossOutput(fn_term + fp_term, {"fn": fn_term, "fp": fp_term})
+
+
+def _update(prep: _Prepared, prototypes: torch.Tensor, initialized: torch.Tensor, rho: float
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    k = prep.num_classes
+    with torch.no_grad(), no_autocast(prep.emb):
+        e = prep.emb.detach()
+        tp_idx, _, _ = _set_indices(prep)
+        sums = e.new_zeros(k + 1, e.shape[1]).index_add(0, tp_idx, e)[:k]
+        counts = torch.bincount(tp_idx, minlength=k + 1)[:k].to(e.dtype)
+        sums = all_reduce_sum_no_grad(sums)
+        counts = all_reduce_sum_no_grad(counts)
+        mean = sums / counts.clamp(min=1)[:, None]
+        old = prototypes.detach().to(e.dtype)
+        seen = counts > 0
+        ema = torch.where(initialized[:, None], rho * old + (1.0 - rho) * mean, mean)
+        new = torch.where(seen[:, None], ema, old).to(prototypes.dtype)
+        return new, initialized | seen
+
+
+# ------------------------------------------------------------------------ functional
+
+
+def rch_loss(
+    embeddings: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    prototype_valid: Optional[torch.Tensor] = None,
+    *,
+    tau: float = 0.5,
+    weight: float = 0.1,
+    hard_weight: float = 1.0,
+    use_fn: bool = True,
+    use_fp: bool = True,
+    sets: str = "batch",
+    calibration: str = "mean_of_cosines",
+    ignore_index: int = 255,
+) -> LossOutput:
+    r"""RCH metric loss for given prototypes (METHODS.md section 4).
+
+    Inputs are brought to the embedding resolution ``(h, w)``: labels by nearest
+    sampling (floor rounding, see ``_common``); logits by bilinear interpolation
+    (``align_corners=False``), after which ``p = softmax(z)`` and the prediction
+    ``c = argmax(z)`` are taken. Per class ``k``:
+    ``TP_k = {y=k, c=k}``, ``FN_k = {y=k, c!=k}``, ``FP_k = {y!=k, c=k}`` (ignored pixels in
+    no set), over the whole (global) batch (``sets="batch"``) or over the anchor's own
+    image (``sets="image"``). An *anchor* is a non-ignored pixel ``i`` with ``y_i = k``
+    whose prototype is valid (``prototype_valid[k]``). With ``ê = e/|e|``::
+
+        cos_il = ê_i . mu_l / |mu_l|                   (valid prototypes l only)
+        mean_of_cosines (paper):   m^S_i = mean_{j in S_k} cos(e_j, e_i) = ê_i . (sum_j ê_j) / |S_k|
+        cosine_to_mean (released): m^S_i = cos(e_i, mean_{j in S_k} e_j)
+        phi_i = 1 - m^FN_i  if FN_k non-empty else 0     (FN compensation, in [0, 2])
+        psi_i = 1 + m^FP_i  if FP_k non-empty else 0     (FP penalty, in [0, 2])
+        L^c_i = -log  exp(cos_ik/tau - h (1 - p_ik) c_i)
+                      / [exp(cos_ik/tau - h (1 - p_ik) c_i) + sum_{l != k, valid} exp(cos_il/tau)]
+        fn = weight * mean_{anchors} L^{phi}_i,   fp = weight * mean_{anchors} L^{psi}_i
+        loss = fn + fp
+
+    (``h`` = ``hard_weight``.) An anchor that is itself in ``FN_k`` counts in its own
+    FN mean (``cos(e_i, e_i) = 1``), as the formula is written.
+
+    Switches (a switched-off calibration is replaced by 0, i.e. the plain true-class
+    logit; both terms always exist, so the loss scale does not change across ablations):
+
+    ===============  ==============================================================
+    use_fn, use_fp   loss
+    ===============  ==============================================================
+    True,  True      weight * CE(phi) + weight * CE(psi)   (the paper)
+    True,  False     weight * CE(phi) + weight * CE(0)
+    False, True      weight * CE(0)   + weight * CE(psi)
+    False, False     2 * weight * CE(0): a plain cosine-softmax CE to the prototypes
+                     (use ``weight = lambda / 2`` for a single lambda-weighted CE)
+    ===============  ==============================================================
+
+    Gradients (what is detached):
+
+    * ``prototypes``: detached (they are an EMA state, updated without gradient).
+    * ``p_ik``, the sets and the prediction: from ``logits.detach()``; ``logits`` get
+      no gradient. ``(1 - p_ik)`` is a hardness weight of the margin; a gradient through
+      it would only push the classifier's own probability up (a second, oddly weighted
+      CE on the segmentation head) instead of shaping the embedding.
+    * ``phi``/``psi``: NOT detached. Their gradient is what pulls FN pixels towards
+      the anchors of their class and pushes FP pixels away from them (the loss grows
+      with ``psi`` and with ``phi``); detached, they would only be an adaptive margin of
+      the prototype CE and FP pixels would receive no calibration gradient at all.
+      The gradient reaches both the anchor and the FN/FP set members (through the
+      global, differentiably all-reduced set sums in batch mode).
+
+    Classes without a valid prototype leave the softmax (masked) and provide no
+    anchors; they still define FN/FP sets. The mean is over the anchors of the global
+    batch; with no anchor (all pixels ignored, no prototype) the loss is 0 with a
+    finite (zero) gradient.
+
+    Args:
+        embeddings: ``(B, E, h, w)`` or flat ``(N, E)`` pixel embeddings (any units; only
+            directions matter).
+        logits: segmentation logits ``(B, K, H, W)`` (or ``(N, K)`` with flat embeddings).
+        labels: ``(B, H, W)`` (or ``(N,)``) integer labels in ``0..K-1`` or ``ignore_index``.
+        prototypes: ``(K, E)`` class prototypes (detached).
+        prototype_valid: ``(K,)`` bool, which prototypes exist; default all.
+        tau: temperature of the cosine logits (paper: 0.5).
+        weight: weight of each of the two CE terms (paper: lambda = 0.1).
+        hard_weight: coefficient ``h`` of ``(1 - p_ik)`` (1 = the paper's equation: the
+            true-class logit is lowered by ``(1 - p) phi``). The released configs set their
+            coefficient to ``tau``; METHODS.md does not say whether it multiplies before or
+            after the division by ``tau`` (after: ``hard_weight = tau`` reproduces it;
+            before: it equals ``hard_weight = 1``).
+        use_fn, use_fp: the FN compensation and FP penalty switches (table above).
+        sets: ``"batch"`` (default; the global batch) or ``"image"`` (per image, 4-D only).
+        calibration: ``"mean_of_cosines"`` (paper, default) or ``"cosine_to_mean"``
+            (released code; the mean of the raw embeddings).
+        ignore_index: label value of ignored pixels.
+
+    Returns:
+        ``LossOutput(loss, {"fn": ..., "fp": ...})`` (weighted terms, dimensionless).
+
+    Example:
+        >>> import torch
+        >>> e = torch.randn(2, 8, 4, 4, requires_grad=True)
+        >>> z = torch.randn(2, 3, 8, 8)
+        >>> y = torch.randint(0, 3, (2, 8, 8))
+        >>> out = rch_loss(e, z, y, torch.randn(3, 8))
+        >>> sorted(out.terms), out.loss.shape
+        (['fn', 'fp'], torch.Size([]))
+        >>> out.loss.backward()
+    """
+    _check_loss_args(tau, weight, hard_weight, sets, calibration)
+    check_same_device(embeddings=embeddings, logits=logits, labels=labels, prototypes=prototypes,
+                      prototype_valid=prototype_valid)
+    _check_prototypes(prototypes, prototype_valid, "prototype_valid")
+    num_classes = prototypes.shape[0]
+    prep = _prepare(embeddings, logits, labels, num_classes, ignore_index)
+    if prototype_valid is None:
+        prototype_valid = torch.ones(num_classes, dtype=torch.bool, device=prototypes.device)
+    return _loss(prep, prototypes, prototype_valid, tau=tau, weight=weight, hard_weight=hard_weight,
+                 use_fn=use_fn, use_fp=use_fp, sets=sets, calibration=calibration)
+
+
+def rch_update_prototypes(
+    embeddings: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    initialized: torch.Tensor,
+    *,
+    rho: float = 0.9,
+    ignore_index: int = 255,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""TP-mean EMA update of the prototypes (pure: returns new tensors, no gradient).
+
+    ``t_k = mean(e_i, i in TP_k)`` over the global batch (sums and counts all-reduced
+    without autograd, so every process gets the same state). For every class with TP
+    pixels: ``mu_k <- rho * mu_k + (1 - rho) * t_k`` if ``initialized[k]``, else
+    ``mu_k <- t_k`` (first sighting). Classes without TP pixels are untouched. Inputs
+    are prepared as in :func:`rch_loss` (same sets, same resizing).
+
+    Returns:
+        ``(new_prototypes (K, E) in the dtype of prototypes, new_initialized (K,) bool)``.
+
+    Example:
+        >>> import torch
+        >>> y = torch.tensor([0, 0, 1, 255])
+        >>> z = torch.tensor([[2., 0.], [0., 2.], [0., 2.], [2., 0.]])  # pixel 1 is an FN
+        >>> e = torch.tensor([[1., 0.], [9., 9.], [0., 3.], [5., 5.]])
+        >>> mu, init = rch_update_prototypes(e, z, y, torch.zeros(2, 2), torch.tensor([True, False]))
+        >>> mu, init
+        (tensor([[0.1000, 0.0000],
+                [0.0000, 3.0000]]), tensor([True, True]))
+    """
+    _check_real("rho", rho, lo=0.0, hi=1.0)
+    check_same_device(embeddings=embeddings, logits=logits, labels=labels, prototypes=prototypes,
+                      initialized=initialized)
+    _check_prototypes(prototypes, initialized, "initialized")
+    num_classes = prototypes.shape[0]
+    prep = _prepare(embeddings, logits, labels, num_classes, ignore_index)
+    if prototypes.shape[1] != prep.emb.shape[1]:
+        raise ValueError(
+            f"`prototypes` has dimension {prototypes.shape[1]}, `embeddings` have {prep.emb.shape[1]} channels"
+        )
+    return _update(prep, prototypes, initialized, rho)
+
+
+# ---------------------------------------------------------------------------- module
+
+
+class RCHLoss(Regularizer):
+    r"""Representation calibration head: embedding head + prototypes + metric loss.
+
+    ``forward(features, logits, labels)`` embeds ``features`` (``(B, C, h, w)`` or
+    ``(N, C)``) with the module's own training-only head ``Conv2d(in_channels,
+    embed_dim, 1)`` (+ ``BatchNorm2d`` if ``head_norm``, bias-free conv then, as
+    mmseg's ``ConvModule``; no activation), so the segmentation model itself is
+    unchanged at inference. **Add this module's parameters to the optimizer**, and
+    under DDP keep it inside the DDP-wrapped module (or all-reduce its gradients), as
+    for any trainable layer; with ``head_norm`` convert to ``SyncBatchNorm`` if wanted.
+
+    In training mode each call also updates the prototypes (:func:`rch_update_prototypes`),
+    either before the loss is computed (``prototype_update="after"``: the loss sees the
+    prototypes *after* this step's update) or after it (``"before"``: the loss sees
+    the prototypes from before the update, as in the released code). Default
+    ``"after"``: the paper describes prototype clustering before error calibration and
+    never says the loss uses stale prototypes; a class seen for the first time takes
+    part in the loss at once (with ``"before"`` and an empty state the very first
+    step is 0); the difference otherwise is a ``(1 - rho)`` step of a detached buffer.
+    In eval mode the state is left untouched.
+
+    State (buffers, saved with ``state_dict``): ``prototypes (K, E)`` (zeros until
+    a class is first seen; the released code starts from random values) and
+    ``initialized (K,)`` bool. The loss is :func:`rch_loss` (terms ``fn``, ``fp``).
+
+    Defaults: ``tau=0.5``, ``rho=0.9``, ``weight=0.1`` (paper); ``embed_dim=96`` is the
+    released code's value (the paper does not give it); ``hard_weight=1`` (paper
+    equation; see :func:`rch_loss`); ``head_norm=False`` (paper: a 1x1 conv; the released
+    code adds BN); ``sets="batch"`` (the paper says "of the input image": per image is
+    the option ``"image"``), ``calibration="mean_of_cosines"`` (paper). The paper
+    skips the head during warm-up: use the criterion's warm-up for that. The released
+    code's OHEM pixel selection is not reproduced.
+    """
+
+    uses_features = True
+    uses_logits = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        embed_dim: int = 96,
+        *,
+        tau: float = 0.5,
+        rho: float = 0.9,
+        weight: float = 0.1,
+        hard_weight: float = 1.0,
+        use_fn: bool = True,
+        use_fp: bool = True,
+        sets: str = "batch",
+        calibration: str = "mean_of_cosines",
+        prototype_update: str = "after",
+        head_norm: bool = False,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        _check_int("num_classes", num_classes, 1)
+        _check_int("in_channels", in_channels, 1)
+        _check_int("embed_dim", embed_dim, 1)
+        _check_int("ignore_index", ignore_index)
+        _check_loss_args(tau, weight, hard_weight, sets, calibration)
+        _check_real("rho", rho, lo=0.0, hi=1.0)
+        _check_choice("prototype_update", prototype_update, _UPDATES)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.embed_dim = embed_dim
+        self.tau = float(tau)
+        self.rho = float(rho)
+        self.weight = float(weight)
+        self.hard_weight = float(hard_weight)
+        self.use_fn = bool(use_fn)
+        self.use_fp = bool(use_fp)
+        self.sets = sets
+        self.calibration = calibration
+        self.prototype_update = prototype_update
+        self.ignore_index = ignore_index
+        self.head = nn.Conv2d(in_channels, embed_dim, 1, bias=not head_norm)
+        self.norm: nn.Module = nn.BatchNorm2d(embed_dim) if head_norm else nn.Identity()
+        self.register_buffer("prototypes", torch.zeros(num_classes, embed_dim))
+        self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The head: ``(B, C, h, w) -> (B, E, h, w)`` or ``(N, C) -> (N, E)``."""
+        check_floating("features", features, (2, 4))
+        if features.shape[1] != self.in_channels:
+            raise ValueError(
+                f"`features` must have in_channels={self.in_channels} channels (dim 1), "
+                f"got shape {tuple(features.shape)}"
+            )
+        if features.dim() == 4:
+            return self.norm(self.head(features))
+        out = self.head(features[:, :, None, None])  # 1x1 conv == linear map on flat features
+        return self.norm(out)[:, :, 0, 0]
+
+    @torch.no_grad()
+    def _apply_update(self, prep: _Prepared) -> None:
+        new, init = _update(prep, self.prototypes, self.initialized, self.rho)
+        self.prototypes.copy_(new)
+        self.initialized.copy_(init)
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_same_device(features=features, logits=logits, labels=labels, prototypes=self.prototypes)
+        emb = self.embed(features)
+        prep = _prepare(emb, logits, labels, self.num_classes, self.ignore_index)
+        if self.sets == "image" and prep.image is None:
+            raise ValueError("`sets='image'` needs (B, C, h, w) features; flat (N, C) inputs have no images")
+        update = self.training
+        if update and self.prototype_update == "after":
+            self._apply_update(prep)
+        out = _loss(prep, self.prototypes, self.initialized, tau=self.tau, weight=self.weight,
+                    hard_weight=self.hard_weight, use_fn=self.use_fn, use_fp=self.use_fp,
+                    sets=self.sets, calibration=self.calibration)
+        if update and self.prototype_update == "before":
+            self._apply_update(prep)
+        return self._record(out)
+
+    def compute(
+        self,
+        labels: torch.Tensor,
+        features: Optional[torch.Tensor] = None,
+        logits: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if features is None or logits is None:
+            raise ValueError("RCHLoss needs both `features` and `logits`")
+        return self(features, logits, labels)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, in_channels={self.in_channels}, embed_dim={self.embed_dim}, "
+            f"tau={self.tau}, rho={self.rho}, weight={self.weight}, hard_weight={self.hard_weight}, "
+            f"use_fn={self.use_fn}, use_fp={self.use_fp}, sets={self.sets!r}, "
+            f"calibration={self.calibration!r}, prototype_update={self.prototype_update!r}, "
+            f"ignore_index={self.ignore_index}"
+        )
