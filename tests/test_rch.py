@@ -375,8 +375,8 @@ def test_module_first_step_and_eval_mode():
     f = feats.clone().requires_grad_(True)
     lb = before(f, z, y)
     lb.backward()
-    assert float(lb) == 0.0 and (f.grad == 0).all()  # empty state: no prototype yet
-    assert float(after(feats, z, y)) > 0
+    assert float(lb.detach()) == 0.0 and (f.grad == 0).all()  # empty state: no prototype yet
+    assert float(after(feats, z, y).detach()) > 0
     assert before.initialized.any()
     after.eval()
     p, i = after.prototypes.clone(), after.initialized.clone()
