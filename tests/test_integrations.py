@@ -25,8 +25,17 @@ from pixreg.criterion import RegularizedCriterion, Term
 from pixreg.integrations import REGULARIZERS, make_regularizer
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-HAS_LIGHTNING = importlib.util.find_spec("lightning") is not None or importlib.util.find_spec("pytorch_lightning") is not None
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRANSFORMERS = _installed("transformers")
+HAS_LIGHTNING = _installed("lightning") or _installed("pytorch_lightning")
 needs_transformers = pytest.mark.skipif(
     not HAS_TRANSFORMERS, reason="Hugging Face transformers is not installed (pip install 'pixreg[segformer]')")
 needs_lightning = pytest.mark.skipif(
@@ -176,6 +185,14 @@ def test_build_segformer_contract():
         pseg.build_segformer(K, preset="b9")
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         m(torch.randn(2, 1, 8, 8))
+    # the smallest accepted image, checked against transformers itself
+    small = pseg.min_input_size(m.model.config)
+    with torch.no_grad():
+        m.model(pixel_values=torch.randn(1, 3, small, small))
+        with pytest.raises(RuntimeError):
+            m.model(pixel_values=torch.randn(1, 3, small - 1, small + 5))
+        with pytest.raises(ValueError, match="at least"):
+            m(torch.randn(1, 3, small - 1, small + 5))
 
 
 @needs_transformers
@@ -406,6 +423,37 @@ def test_lightning_defaults_read_common_batches_and_outputs():
     assert default_logits(Out()) is x
     with pytest.raises(TypeError):
         default_logits([x])
+
+
+@needs_lightning
+def test_lightning_module_errors_and_evaluation_mode():
+    crit = make_criterion("car", FEAT)
+    module = PixregLightningModule(TinyNet(), crit)
+    x, y = blocky_batch()
+    module.eval()
+    module(x)
+    assert module.pixreg_capture.features == {}  # nothing captured outside training
+    with pytest.raises(RuntimeError, match="no features"):
+        module.pixreg_loss(torch.randn(2, K, 16, 16), y, log=False)
+    module.train()
+    total = module.pixreg_loss(module(x), y, log=False)
+    assert total.requires_grad and module.pixreg_capture.features == {}  # cleared after use
+    assert int(crit.step) == 1
+    with pytest.raises(TypeError, match="RegularizedCriterion"):
+        PixregLightningModule(TinyNet(), nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="layers"):
+        PixregLightningModule(nn.Conv2d(3, K, 1), crit)  # no feature_layer attribute to default to
+    ce_only = PixregLightningModule(nn.Conv2d(3, K, 1), RegularizedCriterion())  # nothing to hook
+    assert ce_only.pixreg_capture is None
+
+
+def test_make_regularizer():
+    for name in REGULARIZERS:
+        reg = make_regularizer(name, K, FEAT)
+        assert reg.uses_logits or reg.uses_features
+    assert not make_regularizer("lall", K, FEAT).uses_features
+    with pytest.raises(ValueError, match="name"):
+        make_regularizer("focal", K, FEAT)
 
 
 # ----------------------------------------------------------------------------- examples and docs

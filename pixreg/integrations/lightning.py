@@ -214,6 +214,8 @@ class PixregLightningModule(PixregMixin, pl.LightningModule):
         return self.pixreg_criterion
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pixreg_capture is not None:
+            self.pixreg_capture.enabled = self.training  # no captures in validation/prediction
         return self.model(*args, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -223,8 +225,6 @@ class PixregLightningModule(PixregMixin, pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self.batch_fn(batch)
         logits = self.logits_fn(self(x))
-        if self.pixreg_capture is not None:
-            self.pixreg_capture.clear()
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         ignore = self.pixreg_criterion.ignore_index

@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..criterion import RegularizedCriterion, RegularizedModel
 
 __all__ = [
-    "FEATURE_LAYER", "CLASSIFIER_LAYER", "FEATURE_STRIDE", "PRESETS", "segformer_config",
+    "FEATURE_LAYER", "CLASSIFIER_LAYER", "FEATURE_STRIDE", "PRESETS", "segformer_config", "min_input_size",
     "SegformerSegmenter", "build_segformer", "feature_layer", "attach",
 ]
 
@@ -115,6 +115,21 @@ def segformer_config(num_classes: int, preset: str = "b0", **overrides: Any) -> 
     return SegformerConfig(num_labels=num_classes, **fields)
 
 
+def min_input_size(config: SegformerConfig) -> int:
+    """Smallest image side the encoder accepts: each stage's sequence-reduction conv
+    (kernel and stride ``sr_ratios[i]``) needs a feature map at least that large
+    (29 for the presets)."""
+    n = 1
+    while True:
+        size, ok = n, True
+        for k, s, sr in zip(config.patch_sizes, config.strides, config.sr_ratios):
+            size = (size + 2 * (k // 2) - k) // s + 1
+            ok = ok and (sr <= 1 or size >= sr)
+        if ok:
+            return n
+        n += 1
+
+
 class SegformerSegmenter(nn.Module):
     """A ``SegformerForSemanticSegmentation`` as a pixreg segmentation model.
 
@@ -123,7 +138,8 @@ class SegformerSegmenter(nn.Module):
     ``model`` (the transformers model, unchanged: ``save_pretrained`` it after training),
     ``feature_layer`` = ``"model.decode_head.activation"``, ``classifier_layer`` =
     ``"model.decode_head.classifier"``, ``feature_dim`` (``decoder_hidden_size``),
-    ``feature_stride`` (4), ``in_channels``, ``num_classes``.
+    ``feature_stride`` (4), ``in_channels``, ``num_classes``. Images must be at least
+    :func:`min_input_size` pixels high and wide (29 for the presets).
     """
 
     feature_layer = "model." + FEATURE_LAYER
@@ -148,6 +164,9 @@ class SegformerSegmenter(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {shape}")
+        small = min_input_size(self.model.config)
+        if x.shape[-2] < small or x.shape[-1] < small:
+            raise ValueError(f"x must be at least {small}x{small} pixels for this SegFormer config, got {tuple(x.shape[-2:])}")
         logits = self.model(pixel_values=x).logits
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
