@@ -1,0 +1,180 @@
+"""The ``pixreg`` command line: ``train``, ``eval``, ``compare``.
+
+Examples::
+
+    pixreg train --config configs/scenes.yaml --method car --seed 0 --out runs/car
+    pixreg train --out runs/car --resume                   # continue a killed run
+    pixreg eval runs/car --splits test,test_openset        # re-evaluate a run's checkpoint
+    pixreg compare --config configs/scenes.yaml --methods ce,cplus1,car,lall,rch --seeds 2 --out runs/cmp
+    pixreg train --config configs/camvid.yaml --data-root /data/camvid --set train.steps=2000 --set model.opts.width=32
+
+Every option of the YAML configuration can be overridden with ``--set key.sub=value``
+(the value is parsed as YAML). ``python -m pixreg`` is the same program. Under
+``torchrun --nproc_per_node N -m pixreg train ...`` training is distributed (see
+:mod:`pixreg.train.dist`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", "-c", default=None,
+                       help="YAML configuration (default: the built-in defaults, identical to configs/scenes.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="device (default: config, auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: config)")
+    p.add_argument("--data-root", default=None, help="dataset folder (sets data.root), e.g. ../shared/data/camvid")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixreg", description="Train, evaluate and compare segmentation models with pixel-representation regularizers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one method with one seed into a run folder")
+    _common(t)
+    t.add_argument("--method", "-m", default=None, help="ce, cplus1, car, lall, rch or a combination like car+lall (default: config)")
+    t.add_argument("--seed", type=int, default=None, help="run seed (default: config)")
+    t.add_argument("--out", "-o", default=None, help="run folder (default: runs/<dataset>/<method>/seed<seed>)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (a finished run is left as is)")
+    g.add_argument("--overwrite", action="store_true", help="delete the run in --out and start again")
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint")
+    e.add_argument("run", help="run folder (holding config.yaml and checkpoints/)")
+    e.add_argument("--checkpoint", default="last", help="last, best, or a path to a .pt file (default: last)")
+    e.add_argument("--splits", default=None, help="comma-separated splits (default: the run's val and test splits)")
+    e.add_argument("--json", default=None, help="write the metrics to this JSON file (default: RUN/eval_<checkpoint>.json)")
+    _common(e, config=False)
+
+    c = sub.add_parser("compare", help="train several methods over several seeds and tabulate the paired differences")
+    _common(c)
+    c.add_argument("--methods", default="ce,cplus1,car,lall,rch", help="comma-separated methods (default: ce,cplus1,car,lall,rch)")
+    c.add_argument("--seeds", type=int, default=2, help="number of seeds: 0..N-1 (default 2)")
+    c.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (overrides --seeds)")
+    c.add_argument("--out", "-o", default=None, help="output folder (default: runs/compare_<dataset>)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> List[str]:
+    out = list(args.overrides)
+    if args.data_root is not None:
+        out.append(f"data.root={json.dumps(args.data_root)}")
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import resolve_config
+    from .train.methods import method_slug
+    from .train.trainer import train
+
+    cfg_path = args.config
+    if args.resume and args.out and cfg_path is None and os.path.exists(os.path.join(args.out, "config.yaml")):
+        cfg_path = os.path.join(args.out, "config.yaml")  # resume with the run's own configuration
+    cfg = resolve_config(cfg_path, _overrides(args), method=args.method, seed=args.seed, device=args.device, threads=args.threads)
+    out = args.out or os.path.join("runs", str(cfg["data"]["name"]), method_slug(cfg["method"]).replace("+", "_"), f"seed{cfg['seed']}")
+    metrics = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    _print_metrics(metrics["splits"], header=f"{metrics['method']} seed {metrics['seed']} -> {out}")
+    return 0
+
+
+def _print_metrics(splits, header: str = "") -> None:
+    from .train.metrics import METRIC_NAMES
+
+    if header:
+        print(header)
+    for split, m in splits.items():
+        vals = ", ".join(f"{k} {m[k]:.2f}" for k in METRIC_NAMES if k in m and m[k] == m[k])
+        print(f"  {split:>14}: {vals}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import dist as dist_utils
+    from .train.checkpoint import load_checkpoint
+    from .train.config import resolve_config
+    from .train.trainer import build_run, evaluate, make_dataset, write_json
+
+    cfg_file = os.path.join(args.run, "config.yaml")
+    if not os.path.exists(cfg_file):
+        raise SystemExit(f"pixreg eval: {cfg_file} not found (is {args.run!r} a run folder?)")
+    cfg = resolve_config(cfg_file, _overrides(args), device=args.device, threads=args.threads)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    ckpt_path = args.checkpoint
+    if ckpt_path in ("last", "best"):
+        ckpt_path = os.path.join(args.run, "checkpoints", f"{ckpt_path}.pt")
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"pixreg eval: checkpoint {ckpt_path} not found")
+    ctx = dist_utils.setup(cfg["device"])
+    try:
+        splits = args.splits.split(",") if args.splits else list(cfg["data"]["test_splits"]) + [cfg["data"]["val_split"]]
+        first = make_dataset(cfg, splits[0])
+        model, _, _ = build_run(cfg, first.num_classes, first.ignore_index, getattr(first, "background_index", None), ctx.device)
+        ckpt = load_checkpoint(ckpt_path, map_location=ctx.device)
+        model.load_state_dict(ckpt["model"])
+        results = {}
+        for split in splits:
+            ds = first if split == splits[0] else make_dataset(cfg, split)
+            results[split] = evaluate(model, ds, batch_size=int(cfg["eval"]["batch_size"]), device=ctx.device,
+                                      num_workers=int(cfg["data"]["num_workers"]), amp=bool(cfg["train"]["amp"]),
+                                      progress=not args.no_progress, desc=f"eval {split}", ctx=ctx)
+        out = {"checkpoint": os.path.abspath(ckpt_path), "step": int(ckpt["step"]), "splits": results}
+        if ctx.is_main:
+            name = os.path.splitext(os.path.basename(ckpt_path))[0]
+            json_path = args.json or os.path.join(args.run, f"eval_{name}.json")
+            write_json(out, json_path)
+            _print_metrics(results, header=f"{args.run} ({name}, step {out['step']}) -> {json_path}")
+    finally:
+        dist_utils.teardown(ctx)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .train.compare import compare
+    from .train.config import resolve_config
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.seed_list:
+        seeds = [int(s) for s in args.seed_list.split(",") if s.strip()]
+    else:
+        if args.seeds < 1:
+            raise SystemExit("pixreg compare: --seeds must be >= 1")
+        seeds = list(range(args.seeds))
+    out = args.out
+    if out is None:
+        name = resolve_config(args.config, _overrides(args))["data"]["name"]
+        out = os.path.join("runs", f"compare_{name}")
+    compare(args.config, methods, seeds, out, overrides=_overrides(args), device=args.device,
+            progress=not args.no_progress, threads=args.threads)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``pixreg`` console script; returns the exit status."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, ImportError) as err:
+        if os.environ.get("PIXREG_DEBUG"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"pixreg {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
