@@ -11,7 +11,7 @@ name      loss class (module) and what is filled in automatically
 ========  ==========================================================================
 cplus1    ``CPlus1Loss(num_classes, feat_dim, background_index=, ignore_index=)``;
           ``classifier=`` the model's final 1x1 conv when ``centres: classifier``
-car       ``CARLoss(num_classes, ignore_index=)``
+car       ``CARLoss(num_classes, ignore_index=, feature_dim=)``
 lall      ``LocallyAdaptiveLoss(ignore_index=, num_classes=)`` (logits only)
 rch       ``RCHLoss(num_classes, in_channels=feat_dim, ignore_index=)``
 ========  ==========================================================================
@@ -21,7 +21,9 @@ regularizer, default 1), ``warmup`` (steps during which it is off, default 0),
 ``layer`` (dotted module name of the feature layer, default ``model.feature_layer``),
 ``projection`` (``null`` or ``"conv1x1"``: a training-only 1x1 conv on the features,
 owned by the criterion, with ``projection_dim`` outputs, default the feature width)
-and any keyword argument of the loss class (checked against its signature).
+and any keyword argument of the loss class (checked against its signature). A loss
+class's own ``weight`` argument (RCH's lambda = 0.1, LALL's weight = 1) is set with
+``loss_weight``; the effective multiplier is ``weight * loss_weight``.
 
 C+1 and datasets without a background class (CamVid): C+1 needs one class to play the
 background. If the dataset has none (``background_index is None``), building ``cplus1``
@@ -51,7 +53,7 @@ METHODS: Dict[str, Tuple[str, str]] = {
 }
 
 #: Keys of ``methods.<name>`` that configure the term, not the loss constructor.
-RESERVED = ("weight", "warmup", "layer", "projection", "projection_dim")
+RESERVED = ("weight", "warmup", "layer", "projection", "projection_dim", "loss_weight")
 
 
 def parse_method(spec: str) -> List[str]:
@@ -171,18 +173,20 @@ def build_criterion(
             proj_module = nn.Conv2d(feat_dim, out_dim, 1)
             feat_dim = out_dim
         accepted, var_kw = _accepts(cls)
-        unknown = sorted(k for k in opts if k not in accepted)
+        unknown = sorted(k for k in opts if k not in accepted and not (k == "loss_weight" and "weight" in accepted))
         if unknown and not var_kw:
             raise ValueError(
                 f"methods.{name}: unknown option(s) {unknown}; {cls.__name__} accepts "
                 f"{sorted(a for a in accepted if a not in ('num_classes',))} plus {list(RESERVED)}"
             )
         kwargs: Dict[str, Any] = dict(opts)
+        if "loss_weight" in kwargs:  # the loss class's own `weight` argument (RCH's lambda, LALL's weight)
+            kwargs["weight"] = kwargs.pop("loss_weight")
         if "num_classes" in accepted:
             kwargs.setdefault("num_classes", int(num_classes))
         if "ignore_index" in accepted:
             kwargs.setdefault("ignore_index", int(ignore_index))
-        for dim_name in ("feat_dim", "in_channels"):
+        for dim_name in ("feat_dim", "in_channels", "feature_dim"):
             if dim_name in accepted and feat_dim is not None:
                 kwargs.setdefault(dim_name, feat_dim)
         if name == "cplus1":

@@ -393,7 +393,11 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     background_index = getattr(train_ds, "background_index", None)
     model, criterion, layers = build_run(cfg, num_classes, ignore_index, background_index, device)
     if t_cfg["sync_bn"] and ctx.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cpu":  # torch's SyncBatchNorm only runs on accelerators
+            if ctx.is_main:
+                log("warning: train.sync_bn ignored on CPU (torch's SyncBatchNorm needs CUDA); BatchNorm stays per process")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     step_module = TrainStep(model, criterion, layers).to(device)
     runner: nn.Module = step_module
     if ctx.distributed:
@@ -520,8 +524,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         if csv_log is not None:
             csv_log.write([{k: (_fmt(v) if isinstance(v, float) and k not in ("lr", "time_s") else v) for k, v in r.items()} for r in rows])
         last = rows[-1]
-        shown = {"loss": _fmt(last["loss"])}
-        shown.update({k: _fmt(v) for k, v in last.items() if k in term_keys and "/" not in k})
+        shown = {"loss": f"{last['loss']:.4g}"}
+        shown.update({k: f"{v:.4g}" for k, v in last.items() if k in term_keys and "/" not in k})
         shown["lr"] = f"{last['lr']:.2e}"
         bar.set_postfix(shown, refresh=False)
         pending.clear()

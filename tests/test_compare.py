@@ -1,0 +1,123 @@
+"""``pixreg compare``: paired runs over seeds, summary statistics, t-intervals, outputs."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("yaml")
+
+from pixreg.cli import main  # noqa: E402
+from pixreg.train.compare import render_markdown, summarize  # noqa: E402
+from pixreg.train.stats import paired_interval, t_cdf_two_sided, t_quantile  # noqa: E402
+
+
+def tiny(cache: str) -> list:
+    return [
+        "data.size=[32,32]", "data.opts={digits: [0, 1, 2], num_images: 12}",
+        "model.opts={width: 4, depth: 10, head_channels: 8}", "train.steps=5", "train.batch_size=4",
+        "train.ckpt_every=5", "eval.batch_size=8", "threads=1", f"data.cache_dir={cache}",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()  # runs set torch's thread count from their config
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("scenes_cache"))
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_t_quantile_known_values():
+    # Student-t 0.975 quantiles (tables): df 1, 2, 4, 10, 30
+    for df, q in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)]:
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+    assert t_cdf_two_sided(0.0, 3) == 0.0 and t_cdf_two_sided(1e9, 3) == pytest.approx(1.0)
+    assert t_cdf_two_sided(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| <= 1) = 1/2
+
+
+def test_paired_interval_formula():
+    a, b = [3.0, 5.0, 4.5, 6.0], [1.0, 2.0, 2.5, 2.0]
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    half = 3.182446 * sd / 2  # t(0.975, 3) = 3.182446
+    r = paired_interval(a, b)
+    assert r["mean"] == pytest.approx(mean) and r["lo"] == pytest.approx(mean - half, rel=1e-5)
+    assert r["hi"] == pytest.approx(mean + half, rel=1e-5) and r["n"] == 4
+    one = paired_interval([1.0], [0.5])
+    assert one["mean"] == 0.5 and one["lo"] is None  # no interval from one seed
+    assert paired_interval([1.0, None], [0.0, 2.0])["n"] == 1  # missing values drop the pair
+
+
+def test_summarize_and_markdown_on_synthetic_runs():
+    def run(miou, bg):
+        return {"class_names": ["bg", "a"], "train_time_s": 1.0,
+                "splits": {"test": {"mIoU": miou, "mAcc": 50.0, "aAcc": 90.0, "bg_to_coi": bg,
+                                    "per_class_iou": {"bg": 90.0, "a": miou}}}}
+
+    runs = {"ce": {0: run(40.0, 5.0), 1: run(42.0, 6.0)}, "car": {0: run(43.0, 4.0), 1: run(46.0, 4.0)}}
+    s = summarize(runs, [0, 1], ["ce", "car"])
+    t = s["splits"]["test"]
+    assert s["baseline"] == "ce" and t["metrics"] == ["mIoU", "mAcc", "aAcc", "bg_to_coi"]
+    assert t["methods"]["car"]["mIoU"]["mean"] == 44.5
+    assert t["methods"]["car"]["mIoU"]["std"] == pytest.approx(math.sqrt(4.5))
+    diff = t["methods"]["car"]["mIoU"]["diff"]  # d = (3, 4): mean 3.5, sd 0.7071, t(0.975, 1) = 12.706
+    assert diff["mean"] == 3.5 and diff["hi"] - 3.5 == pytest.approx(12.7062 * math.sqrt(0.5) / math.sqrt(2), rel=1e-4)
+    assert "diff" not in t["methods"]["ce"]["mIoU"]
+    md = render_markdown(s)
+    assert "| method | mIoU | mAcc | aAcc | bg→CoI | train s |" in md
+    assert "| car | 44.50 ± 2.12 |" in md and "+3.50 [" in md
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_compare_end_to_end_paired_and_resumable(tmp_path, cache, capsys):
+    out = str(tmp_path / "cmp")
+    args = ["compare", "--methods", "ce,car", "--seeds", "2", "--out", out, "--no-progress"]
+    for o in tiny(cache):
+        args += ["--set", o]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "## test_openset" in printed and "Paired difference to `ce`" in printed
+    for f in ("compare.md", "compare.json", "per_class_iou.png", "per_class_iou_test.png", "per_class_iou_val.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    summary = json.load(open(os.path.join(out, "compare.json")))
+    assert summary["methods"] == ["ce", "car"] and summary["seeds"] == [0, 1]
+    assert "paired Student-t" in summary["interval"]
+
+    # pairing: with one seed, both methods start from the same weights and see the same
+    # first batch (same CE at step 1); another seed differs
+    def first_ce(method, seed):
+        with open(os.path.join(out, method, f"seed{seed}", "log.csv")) as f:
+            return next(csv.DictReader(f))["ce"]
+
+    assert first_ce("ce", 0) == first_ce("car", 0) and first_ce("ce", 1) == first_ce("car", 1)
+    assert first_ce("ce", 0) != first_ce("ce", 1)
+
+    # the table is computed from the runs' own metrics.json
+    per_run = {(m, s): json.load(open(os.path.join(out, m, f"seed{s}", "metrics.json"))) for m in ("ce", "car") for s in (0, 1)}
+    d = [per_run[("car", s)]["splits"]["test"]["mIoU"] - per_run[("ce", s)]["splits"]["test"]["mIoU"] for s in (0, 1)]
+    got = summary["splits"]["test"]["methods"]["car"]["mIoU"]["diff"]
+    assert got["mean"] == pytest.approx(sum(d) / 2)
+    assert got["hi"] - got["mean"] == pytest.approx(12.7062 * abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2), rel=1e-4)
+
+    # running it again skips finished runs (nothing retrained) and gives the same table
+    mtimes = {k: os.path.getmtime(os.path.join(out, k[0], f"seed{k[1]}", "metrics.json")) for k in per_run}
+    md = open(os.path.join(out, "compare.md")).read()
+    assert main(args) == 0
+    assert all(os.path.getmtime(os.path.join(out, k[0], f"seed{k[1]}", "metrics.json")) == t for k, t in mtimes.items())
+    assert open(os.path.join(out, "compare.md")).read() == md
+
+
+def test_compare_rejects_duplicates(tmp_path, capsys):
+    assert main(["compare", "--methods", "car,ce+car", "--seeds", "1", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "twice" in capsys.readouterr().err
