@@ -83,7 +83,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(cfg_path, _overrides(args), method=args.method, seed=args.seed, device=args.device, threads=args.threads)
     out = args.out or os.path.join("runs", str(cfg["data"]["name"]), method_slug(cfg["method"]).replace("+", "_"), f"seed{cfg['seed']}")
     metrics = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    _print_metrics(metrics["splits"], header=f"{metrics['method']} seed {metrics['seed']} -> {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one report under torchrun
+        _print_metrics(metrics["splits"], header=f"{metrics['method']} seed {metrics['seed']} -> {out}")
     return 0
 
 

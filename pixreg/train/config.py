@@ -103,6 +103,7 @@ FREE_FORM = ("data.opts", "model.opts", "methods")
 #: (they do not change what is computed).
 RESUME_MUTABLE = (
     "device",
+    "threads",
     "data.root",
     "data.cache_dir",
     "data.num_workers",

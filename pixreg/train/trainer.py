@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..criterion import RegularizedCriterion, RegularizedModel
+from ..distributed import all_reduce_sum_no_grad
 from . import dist as dist_utils
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml
@@ -505,12 +506,20 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         for k in keys:
             if k not in term_keys:
                 term_keys.append(k)
-        stacked = torch.stack([torch.stack([total] + [terms.get(k, torch.full_like(total, float("nan"))) for k in term_keys])
-                               for _, _, _, terms, total in pending]).float().cpu().tolist()
-        rows = []
-        for (step, epoch, lr, _, _), vals in zip(pending, stacked):
+        stacked_t = torch.stack([torch.stack([total] + [terms.get(k, torch.full_like(total, float("nan"))) for k in term_keys])
+                                 for _, _, _, terms, total in pending]).float()
+        if ctx.distributed:  # log the mean over processes (CE is per process; regularizers are global already)
+            stacked_t = all_reduce_sum_no_grad(stacked_t) / ctx.world_size
+        pending_rows = list(pending)
+        pending.clear()
+        stacked = stacked_t.cpu().tolist()
+        for (step, _, _, _, _), vals in zip(pending_rows, stacked):  # every process raises together
             if not math.isfinite(vals[0]):
                 raise FloatingPointError(f"non-finite loss {vals[0]} at step {step} ({dict(zip(term_keys, vals[1:]))})")
+        if not ctx.is_main:
+            return
+        rows = []
+        for (step, epoch, lr, _, _), vals in zip(pending_rows, stacked):
             row = {"step": step, "epoch": epoch, "lr": lr, "loss": vals[0]}
             row.update({k: v for k, v in zip(term_keys, vals[1:]) if v == v})
             row["time_s"] = round(elapsed + time.perf_counter() - t_start, 3)
@@ -528,7 +537,6 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         shown.update({k: f"{v:.4g}" for k, v in last.items() if k in term_keys and "/" not in k})
         shown["lr"] = f"{last['lr']:.2e}"
         bar.set_postfix(shown, refresh=False)
-        pending.clear()
 
     step = start_step
     try:
@@ -547,8 +555,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
             scaler.update()
             scheduler.step()
             step += 1
-            if ctx.is_main:
-                pending.append((step, (step * int(t_cfg["batch_size"]) - 1) // len(train_ds), lr, terms, total.detach()))
+            # every process keeps its terms; flush() averages them over processes
+            pending.append((step, (step * int(t_cfg["batch_size"]) - 1) // len(train_ds), lr, terms, total.detach()))
             if step % log_every == 0 or step == total_steps:
                 flush()
             bar.update(1)
