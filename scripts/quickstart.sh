@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up, then compare every regularizer with cross-entropy on the embedded dataset (2 seeds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/pixreg compare --config configs/scenes.yaml --methods ce,cplus1,car,lall,rch --seeds 2 --out runs/quickstart "$@"
