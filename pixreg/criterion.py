@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_reduce_sum, all_reduce_sum_no_grad
 from .hooks import FeatureCapture
 from .losses._common import check_floating, check_labels, check_same_device
 from .losses.base import Regularizer
@@ -133,16 +134,22 @@ class RegularizedCriterion(nn.Module):
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE over valid pixels (weighted mean with class weights); 0 when all are ignored.
 
-        Per-process mean, like ``F.cross_entropy`` under DDP (DDP averages its gradient).
+        Under ``torch.distributed`` the mean is over the global batch (sum all-reduced
+        with gradient, pixel count / weight sum without), like the regularizers: with
+        DDP's gradient averaging this equals one process on the whole batch even when
+        the ranks have different numbers of ignored pixels.
         """
         labels = labels.long()
         valid = labels != self.ignore_index
-        w = None if self.class_weight is None else self.class_weight.to(logits.device)
-        total = F.cross_entropy(logits.float(), labels, weight=w, ignore_index=self.ignore_index, reduction="sum")
+        z = logits if logits.dtype == torch.float64 else logits.float()  # float32 at least (AMP)
+        w = None if self.class_weight is None else self.class_weight.to(device=z.device, dtype=z.dtype)
+        total = F.cross_entropy(z, labels, weight=w, ignore_index=self.ignore_index, reduction="sum")
         if w is None:
             denom = valid.sum()
         else:
             denom = torch.where(valid, w[labels.clamp(0, w.numel() - 1)], w.new_zeros(())).sum()
+        total = all_reduce_sum(total)
+        denom = all_reduce_sum_no_grad(denom.to(total.dtype))
         return total / denom.clamp(min=1e-12) if w is not None else total / denom.clamp(min=1)
 
     def forward(

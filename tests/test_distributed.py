@@ -15,12 +15,34 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pixreg.distributed import GlobalBatchNorm
+from pixreg.losses._common import global_mean
+from pixreg.losses.base import Regularizer
+
 WORLD = 2
 B, D, K, H, W = 4, 6, 5, 6, 6
 
 
+class _BNProbe(Regularizer):
+    """Test-only regularizer: a nonlinear global mean of a :class:`GlobalBatchNorm` output."""
+
+    uses_features = True
+    uses_logits = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(D, 3, 1)
+        self.bn = GlobalBatchNorm(3)  # the generic class (any input dimension)
+
+    def compute(self, labels, features=None, logits=None):
+        y = self.bn(self.conv(features))
+        return global_mean((y.pow(3) + y.pow(2)).sum(), torch.tensor(float(y.numel()), dtype=y.dtype))
+
+
 def make_case(name: str):
-    """Module factory and inputs (float64) for one regularizer, identical on every process."""
+    """Module, extra modules (parameters outside it) and inputs (float64) for one case,
+    identical on every process. ``name`` is ``base[:labels]``."""
+    from pixreg.criterion import RegularizedCriterion, Term
     from pixreg.losses.car import CARLoss
     from pixreg.losses.cplus1 import CPlus1Loss
     from pixreg.losses.lall import LocallyAdaptiveLoss
@@ -33,43 +55,74 @@ def make_case(name: str):
     labels[:2][labels[:2] == 0] = K - 1  # class K-1 only on rank 0's half, class 0 only on rank 1's
     labels[2:][labels[2:] == K - 1] = 0
     labels[:, 0, :2] = 255
-    labels[3] = 255 if name.endswith("ignored_rank") else labels[3]
+    variant = name.split(":")[1] if ":" in name else ""
+    if variant == "ignored_rank":  # one of rank 1's images fully ignored
+        labels[3] = 255
+    elif variant == "empty_rank":  # rank 1 has no valid pixel at all
+        labels[2:] = 255
 
     torch.manual_seed(7)
     base = name.split(":")[0]
+    extra = {}
     if base == "cplus1":
         mod = CPlus1Loss(num_classes=K, feat_dim=D)
+    elif base == "cplus1_euclid":
+        mod = CPlus1Loss(num_classes=K, feat_dim=D, distance="euclidean", normalize=False, margin=3.0)
     elif base == "cplus1_learnable":
         mod = CPlus1Loss(num_classes=K, feat_dim=D, centres="learnable")
+    elif base == "cplus1_classifier":
+        extra["classifier"] = torch.nn.Conv2d(D, K, 1).double()
+        mod = CPlus1Loss(num_classes=K, feat_dim=D, centres="classifier", classifier=extra["classifier"])
     elif base == "car":
         mod = CARLoss(num_classes=K)
     elif base == "car_released":
         mod = CARLoss(num_classes=K, variant="released")
+    elif base == "car_released_ema":
+        mod = CARLoss(num_classes=K, variant="released", ema_decay=0.9, feature_dim=D)
     elif base == "lall":
         mod = LocallyAdaptiveLoss(window=3)
+    elif base == "lall_stride":
+        mod = LocallyAdaptiveLoss(window=5, stride=2, xi="weight_sum", distance_weights="uniform", power=1.0)
     elif base == "rch":
         mod = RCHLoss(num_classes=K, in_channels=D, embed_dim=4)
     elif base == "rch_image":
         mod = RCHLoss(num_classes=K, in_channels=D, embed_dim=4, sets="image")
+    elif base == "rch_variant":  # other calibration, update before the loss, BatchNorm in the head
+        mod = RCHLoss(num_classes=K, in_channels=D, embed_dim=4, calibration="cosine_to_mean",
+                      prototype_update="before", head_norm=True)
+    elif base == "globalbn":
+        mod = _BNProbe()
+    elif base == "criterion":  # CE (class-weighted) + the four regularizers, as pixreg train uses them
+        mod = RegularizedCriterion({
+            "cplus1": CPlus1Loss(num_classes=K, feat_dim=D), "car": CARLoss(num_classes=K),
+            "lall": LocallyAdaptiveLoss(window=3), "rch": RCHLoss(num_classes=K, in_channels=D, embed_dim=4),
+        }, class_weight=torch.linspace(0.5, 1.5, K))
     else:  # pragma: no cover
         raise KeyError(name)
-    return mod.double(), feats, logits, labels
+    return mod.double(), extra, feats, logits, labels
 
 
-def run_steps(mod, feats, logits, labels, steps: int = 2):
+def run_steps(mod, extra, feats, logits, labels, steps: int = 2):
     """Two steps (so that moving state is used after an update); returns losses, grads, state."""
+    from pixreg.criterion import RegularizedCriterion
+
     losses, fgrads, lgrads = [], [], []
+    params = dict(mod.named_parameters())
+    params.update({f"{k}.{n}": p for k, m in extra.items() for n, p in m.named_parameters()})
     for _ in range(steps):
         f = feats.clone().requires_grad_(True)
         z = logits.clone().requires_grad_(True)
-        for p in mod.parameters():
+        for p in params.values():
             p.grad = None
-        loss = mod.compute(labels, features=f if mod.uses_features else None, logits=z if mod.uses_logits else None)
+        if isinstance(mod, RegularizedCriterion):
+            loss = mod(z, labels, features=f).total
+        else:
+            loss = mod.compute(labels, features=f if mod.uses_features else None, logits=z if mod.uses_logits else None)
         loss.backward()
         losses.append(loss.detach())
         fgrads.append(f.grad if f.grad is not None else torch.zeros_like(f))
         lgrads.append(z.grad if z.grad is not None else torch.zeros_like(z))
-    pgrads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in mod.named_parameters()}
+    pgrads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
     state = {k: v.clone() for k, v in mod.state_dict().items()}
     return {"loss": torch.stack(losses), "fgrad": fgrads, "lgrad": lgrads, "pgrad": pgrads, "state": state}
 
@@ -80,15 +133,18 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
     try:
         results = {}
         for name in names:
-            mod, feats, logits, labels = make_case(name)
+            mod, extra, feats, logits, labels = make_case(name)
             half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
-            results[name] = run_steps(mod, feats[half], logits[half], labels[half])
+            results[name] = run_steps(mod, extra, feats[half], logits[half], labels[half])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-CASES = ["cplus1", "cplus1_learnable", "car", "car_released", "lall", "rch", "rch_image", "car:ignored_rank", "rch:ignored_rank"]
+BASES = ["cplus1", "cplus1_euclid", "cplus1_learnable", "cplus1_classifier", "car", "car_released",
+         "car_released_ema", "lall", "lall_stride", "rch", "rch_image", "rch_variant", "globalbn", "criterion"]
+# every case also with one of rank 1's images fully ignored, and with rank 1 holding no valid pixel
+CASES = BASES + [f"{b}:ignored_rank" for b in BASES if b != "globalbn"] + [f"{b}:empty_rank" for b in BASES if b != "globalbn"]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +157,7 @@ def ranks():
 @pytest.mark.parametrize("name", CASES)
 def test_two_processes_match_one(ranks, name):
     ref = run_steps(*make_case(name))
+    assert len(ref["loss"]) == 2 and all(torch.isfinite(ref["loss"]))
     for r in range(WORLD):
         got = ranks[r][name]
         half = slice(r * B // WORLD, (r + 1) * B // WORLD)
@@ -115,3 +172,26 @@ def test_two_processes_match_one(ranks, name):
     for n, g in ref["pgrad"].items():  # DDP averages parameter gradients over ranks
         mean = sum(ranks[r][name]["pgrad"][n] for r in range(WORLD)) / WORLD
         torch.testing.assert_close(mean, g, rtol=1e-6, atol=1e-9, msg=f"{name} param grad {n}")
+    for k, v in ranks[0][name]["state"].items():  # moving centres / prototypes: bit-identical across ranks
+        assert torch.equal(v, ranks[1][name]["state"][k]), f"{name} state {k} differs between ranks"
+    assert torch.equal(ranks[0][name]["loss"], ranks[1][name]["loss"]), f"{name}: loss differs between ranks"
+
+
+def max_differences(ranks, name):
+    """Largest |2 processes - 1 process| over loss, feature/logit grads, parameter grads, state."""
+    ref = run_steps(*make_case(name))
+    out = {"loss": 0.0, "grad": 0.0, "state": 0.0}
+    for r in range(WORLD):
+        got = ranks[r][name]
+        half = slice(r * B // WORLD, (r + 1) * B // WORLD)
+        out["loss"] = max(out["loss"], (got["loss"] - ref["loss"]).abs().max().item())
+        for key in ("fgrad", "lgrad"):
+            for a, b in zip(got[key], ref[key]):
+                out["grad"] = max(out["grad"], (a / WORLD - b[half]).abs().max().item())
+        for k, v in ref["state"].items():
+            if v.is_floating_point():
+                out["state"] = max(out["state"], (got["state"][k] - v).abs().max().item())
+    for n, g in ref["pgrad"].items():
+        mean = sum(ranks[r][name]["pgrad"][n] for r in range(WORLD)) / WORLD
+        out["grad"] = max(out["grad"], (mean - g).abs().max().item())
+    return out

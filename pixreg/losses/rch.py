@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce_sum_no_grad
+from ..distributed import GlobalBatchNorm2d, all_reduce_sum_no_grad
 from ._common import (
     check_floating,
     check_labels,
@@ -457,7 +457,8 @@ class RCHLoss(Regularizer):
     mmseg's ``ConvModule``; no activation), so the segmentation model itself is
     unchanged at inference. **Add this module's parameters to the optimizer**, and
     under DDP keep it inside the DDP-wrapped module (or all-reduce its gradients), as
-    for any trainable layer; with ``head_norm`` convert to ``SyncBatchNorm`` if wanted.
+    for any trainable layer. The ``head_norm`` BatchNorm is a
+    :class:`pixreg.distributed.GlobalBatchNorm2d`: its statistics are global under DDP.
 
     In training mode each call also updates the prototypes (:func:`rch_update_prototypes`),
     either before the loss is computed (``prototype_update="after"``: the loss sees the
@@ -525,7 +526,8 @@ class RCHLoss(Regularizer):
         self.prototype_update = prototype_update
         self.ignore_index = ignore_index
         self.head = nn.Conv2d(in_channels, embed_dim, 1, bias=not head_norm)
-        self.norm: nn.Module = nn.BatchNorm2d(embed_dim) if head_norm else nn.Identity()
+        # BatchNorm over the global batch under torch.distributed (plain BatchNorm2d otherwise)
+        self.norm: nn.Module = GlobalBatchNorm2d(embed_dim) if head_norm else nn.Identity()
         self.register_buffer("prototypes", torch.zeros(num_classes, embed_dim))
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..criterion import RegularizedCriterion, RegularizedModel
-from ..distributed import all_reduce_sum_no_grad
+from ..distributed import all_reduce_sum_no_grad, convert_global_batchnorm
 from . import dist as dist_utils
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml
@@ -394,9 +394,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     background_index = getattr(train_ds, "background_index", None)
     model, criterion, layers = build_run(cfg, num_classes, ignore_index, background_index, device)
     if t_cfg["sync_bn"] and ctx.distributed:
-        if device.type == "cpu":  # torch's SyncBatchNorm only runs on accelerators
-            if ctx.is_main:
-                log("warning: train.sync_bn ignored on CPU (torch's SyncBatchNorm needs CUDA); BatchNorm stays per process")
+        if device.type == "cpu":  # torch's SyncBatchNorm refuses CPU tensors: pixreg's all-reduce BatchNorm
+            model = convert_global_batchnorm(model)
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     step_module = TrainStep(model, criterion, layers).to(device)
@@ -508,7 +507,7 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
                 term_keys.append(k)
         stacked_t = torch.stack([torch.stack([total] + [terms.get(k, torch.full_like(total, float("nan"))) for k in term_keys])
                                  for _, _, _, terms, total in pending]).float()
-        if ctx.distributed:  # log the mean over processes (CE is per process; regularizers are global already)
+        if ctx.distributed:  # mean over processes (CE and regularizers are global: equal)
             stacked_t = all_reduce_sum_no_grad(stacked_t) / ctx.world_size
         pending_rows = list(pending)
         pending.clear()
