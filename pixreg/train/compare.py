@@ -29,7 +29,7 @@ from . import dist as dist_utils
 from .config import resolve_config
 from .methods import method_slug
 from .metrics import LOWER_IS_BETTER, METRIC_NAMES
-from .stats import INTERVAL_NAME, mean_std, paired_interval
+from .stats import DETECTABLE_NAME, INTERVAL_NAME, mean_std, paired_interval, seeds_needed, verdict
 from .trainer import progress_bar, train, write_json
 
 __all__ = ["compare", "summarize", "render_markdown", "plot_per_class"]
@@ -101,7 +101,7 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequen
     first = runs[methods[0]][seeds[0]]
     splits = list(first["splits"])
     out: Dict[str, Any] = {"methods": list(methods), "seeds": list(seeds), "baseline": baseline,
-                           "interval": INTERVAL_NAME, "class_names": first.get("class_names"), "splits": {}}
+                           "interval": INTERVAL_NAME, "detectable": DETECTABLE_NAME, "class_names": first.get("class_names"), "splits": {}}
     for split in splits:
         per_split: Dict[str, Any] = {"metrics": [], "methods": {}}
         present = [m for m in METRIC_NAMES if any(runs[me][s]["splits"][split].get(m) is not None
@@ -115,7 +115,10 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequen
                 entry[metric] = dict(values=vals, **mean_std(vals))
                 if me != baseline:
                     base_vals = [runs[baseline][s]["splits"][split].get(metric) for s in seeds]
-                    entry[metric]["diff"] = paired_interval(vals, base_vals)
+                    diff = paired_interval(vals, base_vals)
+                    diff["verdict"] = verdict(diff, baseline)
+                    diff["seeds_for_1pt"] = seeds_needed(diff["sd"], 1.0)
+                    entry[metric]["diff"] = diff
             classes = list(runs[me][seeds[0]]["splits"][split].get("per_class_iou", {}))
             entry["per_class_iou"] = {c: mean_std([runs[me][s]["splits"][split]["per_class_iou"].get(c) for s in seeds]) for c in classes}
             entry["train_time_s"] = mean_std([runs[me][s].get("train_time_s") for s in seeds])
@@ -170,7 +173,24 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                         cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]{star}")
                 lines.append(f"| {me} | " + " | ".join(cells) + " |")
             lines.append("")
+            if "mIoU" in metrics:
+                lines.extend(_power_table(data, others, base, len(seeds)))
     return "\n".join(lines)
+
+
+def _power_table(data: Mapping[str, Any], others: Sequence[str], base: str, n_seeds: int) -> List[str]:
+    """What these seeds can and cannot tell about the mIoU differences."""
+    lines = [f"What {n_seeds} seed(s) can tell (mIoU; sd = std of the paired differences; "
+             "detectable = " + DETECTABLE_NAME + "):", "",
+             "| method | Δ mIoU | sd(Δ) | smallest detectable | seeds for ±1 pt | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    for me in others:
+        d = data["methods"][me]["mIoU"]["diff"]
+        n1 = d.get("seeds_for_1pt")
+        lines.append(f"| {me} | {_num(d['mean'])} | {_num(d['sd'])} | {_num(d.get('mde'))} | "
+                     f"{'–' if n1 is None else n1} | {d.get('verdict', '')} |")
+    lines.append("")
+    return lines
 
 
 def plot_per_class(summary: Mapping[str, Any], out_dir: str) -> List[str]:

@@ -14,9 +14,13 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
-__all__ = ["t_cdf_two_sided", "t_quantile", "mean_std", "paired_interval", "INTERVAL_NAME"]
+__all__ = ["t_cdf_two_sided", "t_quantile", "mean_std", "paired_interval", "detectable_effect", "seeds_needed",
+           "verdict", "INTERVAL_NAME", "DETECTABLE_NAME"]
 
 INTERVAL_NAME = "paired Student-t 95% CI over seeds: mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n)"
+DETECTABLE_NAME = ("smallest detectable effect: the true mean difference that a two-sided paired t-test at the "
+                   "5% level detects with 80% power, (t(0.975, n-1) + t(0.80, n-1)) * sd(d) / sqrt(n)")
+POWER = 0.8
 
 
 def t_cdf_two_sided(t: float, df: int) -> float:
@@ -64,13 +68,65 @@ def t_quantile(p: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def _t975(df: int) -> float:
+def _t(p: float, df: int) -> float:
     try:
         from scipy.stats import t as student_t
 
-        return float(student_t.ppf(0.975, df))
+        return float(student_t.ppf(p, df))
     except ImportError:  # pragma: no cover - scipy is optional
-        return t_quantile(0.975, df)
+        return t_quantile(p, df)
+
+
+def _t975(df: int) -> float:
+    return _t(0.975, df)
+
+
+def detectable_effect(sd: Optional[float], n: int, power: float = POWER) -> Optional[float]:
+    """Smallest true mean paired difference detected with probability ``power`` by a
+    two-sided paired t-test at the 5 % level, for ``n`` pairs whose differences have
+    sample standard deviation ``sd``: ``(t(0.975, n-1) + t(power, n-1)) * sd / sqrt(n)``
+    (the usual approximation of the noncentral-t power calculation, treating ``sd`` as
+    the true spread). ``None`` for ``n < 2`` or unknown ``sd``.
+
+    >>> round(detectable_effect(2.3, 3), 2), round(detectable_effect(2.3, 20), 2)
+    (7.12, 1.52)
+    """
+    if sd is None or n < 2:
+        return None
+    return (_t975(n - 1) + _t(power, n - 1)) * float(sd) / math.sqrt(n)
+
+
+def seeds_needed(sd: Optional[float], effect: float, power: float = POWER, max_n: int = 10_000) -> Optional[int]:
+    """Fewest seeds ``n >= 2`` whose :func:`detectable_effect` is at most ``effect``.
+
+    >>> seeds_needed(2.3, 1.0)
+    44
+    """
+    if sd is None or effect <= 0:
+        return None
+    if sd == 0:
+        return 2
+    n = 2
+    while n <= max_n:
+        if detectable_effect(sd, n, power) <= effect:
+            return n
+        n = n + 1 if n < 100 else int(n * 1.1)
+    return None
+
+
+def verdict(diff: Dict[str, Optional[float]], baseline: str = "ce") -> str:
+    """Plain-words reading of a :func:`paired_interval` result."""
+    if diff.get("mean") is None:
+        return "no paired values"
+    if diff.get("lo") is None:
+        return "one seed: no interval, cannot tell"
+    if diff["lo"] > 0:
+        return f"higher than {baseline} (95% interval excludes 0)"
+    if diff["hi"] < 0:
+        return f"lower than {baseline} (95% interval excludes 0)"
+    mde = diff.get("mde")
+    tail = f"; effects smaller than about ±{mde:.2f} could not be detected with {diff['n']} seeds" if mde is not None else ""
+    return "not distinguishable from zero" + tail
 
 
 def _finite(values: Sequence[Optional[float]]) -> list:
@@ -92,6 +148,7 @@ def paired_interval(method: Sequence[Optional[float]], baseline: Sequence[Option
     """Mean paired difference ``method - baseline`` with its 95 % t-interval (see module doc).
 
     Pairs where either value is missing are dropped. ``lo``/``hi`` are ``None`` for n < 2.
+    ``sd`` is the sample std of the differences, ``mde`` its :func:`detectable_effect`.
 
     >>> r = paired_interval([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])
     >>> r["mean"], round(r["lo"], 3), round(r["hi"], 3)
@@ -103,11 +160,11 @@ def paired_interval(method: Sequence[Optional[float]], baseline: Sequence[Option
          if a is not None and b is not None and not math.isnan(float(a)) and not math.isnan(float(b))]
     n = len(d)
     if n == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0, "t": None, "sd": None}
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "t": None, "sd": None, "mde": None}
     m = sum(d) / n
     if n < 2:
-        return {"mean": m, "lo": None, "hi": None, "n": n, "t": None, "sd": None}
+        return {"mean": m, "lo": None, "hi": None, "n": n, "t": None, "sd": None, "mde": None}
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
     t = _t975(n - 1)
     half = t * sd / math.sqrt(n)
-    return {"mean": m, "lo": m - half, "hi": m + half, "n": n, "t": t, "sd": sd}
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": n, "t": t, "sd": sd, "mde": detectable_effect(sd, n)}
