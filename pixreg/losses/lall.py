@@ -20,10 +20,13 @@ with ``xi_p`` the number of same-label pixels in the window (centre included; th
 paper's reading) or, optionally, the sum of their weights; ``P`` the valid centre
 pixels of the whole (global) batch; ``k`` the Minkowski power (3 in the paper).
 
-The pooled vectors are built from shifted views of the normalised logits (one Python
-iteration per window offset), never from an unfolded ``(B, K*s*s, H*W)`` tensor, so
-the extra memory is ``O(B*K*H*W)`` (plus one boolean ``(B, H, W)`` mask per offset,
-kept for the backward pass).
+The pooled vectors are built from shifted views of the normalised logits (one in-place
+multiply-add per window offset), never from an unfolded ``(B, K*s*s, H*W)`` tensor, one
+image at a time (``O(K*H*W)`` scratch). The backward pass is written by hand
+(:class:`_PooledNumerator`): the gradient of the local numerator ``sum_p L_p^k`` is built
+in the forward pass, image by image while its pool is in cache, and kept for backward
+(one ``(B, K, H, W)`` tensor); no autograd graph is recorded over the ``s*s`` offsets.
+No host synchronisation; runs under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -83,6 +86,119 @@ def _offset_slices(size: int, d: int, stride: int) -> Optional[tuple[slice, slic
     if hi <= lo:
         return None
     return slice(lo, hi), slice(lo * stride + d, (hi - 1) * stride + d + 1, stride)
+
+
+def _window_offsets(
+    height: int, width: int, window: int, stride: int, exponential: bool, xi_weight_sum: bool
+) -> list[tuple[slice, slice, slice, slice, float, float]]:
+    """The in-image window offsets: ``(centre_rows, centre_cols, nb_rows, nb_cols, w, xi_w)``."""
+    radius = window // 2
+    out = []
+    for di in range(-radius, radius + 1):
+        rows = _offset_slices(height, di, stride)
+        if rows is None:
+            continue
+        for dj in range(-radius, radius + 1):
+            cols = _offset_slices(width, dj, stride)
+            if cols is None:
+                continue
+            w = 2.0 ** (1 - max(abs(di), abs(dj))) if exponential else 1.0
+            out.append((rows[0], cols[0], rows[1], cols[1], w, w if xi_weight_sum else 1.0))
+    return out
+
+
+def _pool_setup(labels: torch.Tensor, ignore_index: int, offsets, stride: int, dtype: torch.dtype):
+    """Per-offset pooling coefficients ``w * [y_q == y_p, p valid]`` (each ``(B, hc', wc')``), xi,
+    the centre mask and the (clamped) centre targets. Small: no ``K`` axis."""
+    centre_labels = labels[:, ::stride, ::stride]
+    valid = centre_labels != ignore_index
+    xi_den = torch.zeros(centre_labels.shape, dtype=dtype, device=labels.device)
+    coefs = []
+    for cr, cc, nr, nc, w, xw in offsets:
+        # same label as a valid centre (implies the neighbour is valid too)
+        same = ((labels[:, nr, nc] == centre_labels[:, cr, cc]) & valid[:, cr, cc]).to(dtype)
+        coefs.append(same * w if w != 1.0 else same)
+        xi_den[:, cr, cc] += same * xw if xw != 1.0 else same
+    xi_den = torch.where(xi_den > 0, xi_den, torch.ones_like(xi_den))
+    target = torch.where(valid, centre_labels, torch.zeros_like(centre_labels))
+    return coefs, xi_den, valid, target
+
+
+def _masked_zscore(zb: torch.Tensor, ignored: torch.Tensor, normalize: bool, eps: float):
+    """z-score over the class axis 0 of one image ``(K, H, W)``, ignored pixels set to 0 (they
+    never pool; zeroing them keeps non-finite logits there out of the products):
+    ``(zhat, std, var)`` (a new tensor; ``std``/``var`` ``(1, H, W)``, None without z-score)."""
+    if not normalize:
+        return zb.masked_fill(ignored, 0.0), None, None
+    centred = zb - zb.mean(dim=0, keepdim=True)
+    var = centred.pow(2).mean(dim=0, keepdim=True)
+    std = var.clamp_min(eps * eps).sqrt()
+    return centred.div_(std).masked_fill_(ignored, 0.0), std, var
+
+
+def _pool_image(zhat: torch.Tensor, b: int, coefs, offsets, xi_den: torch.Tensor) -> torch.Tensor:
+    """Pooled vectors ``(K, Hc, Wc)`` of image ``b`` by accumulating shifted views."""
+    hc, wc = xi_den.shape[-2:]
+    acc = zhat.new_zeros(zhat.shape[0], hc, wc)
+    for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
+        acc[:, cr, cc].addcmul_(zhat[:, nr, nc], coef[b].unsqueeze(0))
+    return acc.div_(xi_den[b].unsqueeze(0))
+
+
+class _PooledNumerator(torch.autograd.Function):
+    """``sum_p L_p^power`` over the valid centres of the local batch, with its gradient.
+
+    Works one image at a time: the z-scored logits, the pooled vectors and their gradients
+    exist for one image only (``O(K*H*W)`` scratch, not ``O(B*K*H*W)``), and there is no
+    autograd graph over the ``s*s`` shifted views. Because the output is a scalar, the
+    gradient with respect to the logits is ``upstream * G`` with ``G`` known at the end of
+    the forward pass: ``G`` is computed there, while each image's pool is still in cache
+    (only when the logits require grad), and saved; backward is one multiplication. Saved
+    for backward: ``G``, one ``(B, K, H, W)`` tensor (nothing that scales with the window).
+    """
+
+    @staticmethod
+    def forward(ctx, z, labels, ignore_index, window, exponential, xi_weight_sum, normalize, eps, stride, power):
+        height, width = labels.shape[-2:]
+        offsets = _window_offsets(height, width, window, stride, exponential, xi_weight_sum)
+        coefs, xi_den, valid, target = _pool_setup(labels, ignore_index, offsets, stride, z.dtype)
+        ignored = (labels == ignore_index).unsqueeze(1)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(z) if need_grad else None
+        numerator = z.new_zeros(())
+        for b in range(z.shape[0]):
+            zhat, std, var = _masked_zscore(z[b], ignored[b], normalize, eps)
+            acc = _pool_image(zhat, b, coefs, offsets, xi_den)
+            lse = torch.logsumexp(acc, dim=0)
+            tgt = target[b].unsqueeze(0)
+            ce = torch.where(valid[b], lse - acc.gather(0, tgt)[0], torch.zeros_like(lse))
+            numerator = numerator + (ce.pow(power).sum() if power != 1 else ce.sum())
+            if not need_grad:
+                continue
+            # d numerator / d(acc before the division by xi) = power L^(power-1) (softmax - onehot) / xi
+            dce = power * ce.pow(power - 1) if power != 1 else torch.ones_like(ce)
+            scale = torch.where(valid[b], dce, torch.zeros_like(dce)) / xi_den[b]
+            g_acc = acc.sub_(lse.unsqueeze(0)).exp_()  # softmax, in place
+            g_acc.scatter_add_(0, tgt, torch.full_like(g_acc[:1], -1.0)).mul_(scale.unsqueeze(0))
+            g_zhat = torch.zeros_like(zhat)
+            for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
+                g_zhat[:, nr, nc].addcmul_(g_acc[:, cr, cc], coef[b].unsqueeze(0))
+            if normalize:
+                # zhat = c / std, c = z - mean(z), std = sqrt(max(var, eps^2)), var = mean(c^2)
+                through_std = (var >= eps * eps).to(z.dtype) * (g_zhat * zhat).mean(dim=0, keepdim=True)
+                g_c = g_zhat.sub_(zhat * through_std).div_(std)
+                grad[b] = g_c - g_c.mean(dim=0, keepdim=True)
+            else:
+                grad[b] = g_zhat  # 0 at ignored pixels (they never pool)
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return numerator
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_numerator):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_numerator, None, None, None, None, None, None, None, None, None
 
 
 def locally_adaptive_loss(
@@ -180,40 +296,14 @@ def locally_adaptive_loss(
         height, width = labels.shape[-2:]
         if tuple(z.shape[-2:]) != (height, width):
             z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
-        if normalize == "zscore":
-            centred = z - z.mean(dim=1, keepdim=True)
-            std = centred.pow(2).mean(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()
-            z = centred / std
-
         labels = labels.long()
         centre_labels = labels[:, ::stride, ::stride]  # (B, Hc, Wc)
         valid = centre_labels != ignore_index
-        bsz = z.shape[0]
-        hc, wc = centre_labels.shape[-2:]
-        pooled = z.new_zeros(bsz, k_classes, hc, wc)
-        xi_den = z.new_zeros(bsz, hc, wc)
-        radius = window // 2
-        for di in range(-radius, radius + 1):
-            rows = _offset_slices(height, di, stride)
-            if rows is None:
-                continue
-            for dj in range(-radius, radius + 1):
-                cols = _offset_slices(width, dj, stride)
-                if cols is None:
-                    continue
-                (cr, nr), (cc, nc) = rows, cols
-                w = 2.0 ** (1 - max(abs(di), abs(dj))) if distance_weights == "exponential" else 1.0
-                # same label as a valid centre (implies the neighbour is valid too)
-                same = (labels[:, nr, nc] == centre_labels[:, cr, cc]) & valid[:, cr, cc]
-                term = torch.where(same.unsqueeze(1), z[:, :, nr, nc], 0.0)
-                pooled[:, :, cr, cc] += term if w == 1.0 else w * term
-                xi_den[:, cr, cc] += same.to(dtype) * (w if xi == "weight_sum" else 1.0)
-        pooled = pooled / torch.where(xi_den > 0, xi_den, torch.ones_like(xi_den)).unsqueeze(1)
-
-        target = torch.where(valid, centre_labels, torch.zeros_like(centre_labels))
-        ce = F.cross_entropy(pooled, target, reduction="none")  # (B, Hc, Wc)
-        ce = torch.where(valid, ce, torch.zeros_like(ce))
-        numerator = ce.pow(power).sum() if power != 1 else ce.sum()
+        # local sum_p L_p^power over valid centres (one image at a time, see _PooledNumerator)
+        numerator = _PooledNumerator.apply(
+            z, labels, ignore_index, window, distance_weights == "exponential", xi == "weight_sum",
+            normalize == "zscore", eps, stride, float(power),
+        )
         mean = global_mean(numerator, valid.sum().to(dtype))
         if power == 1:
             loss = mean
