@@ -1,10 +1,15 @@
 """Process-group setup for ``torchrun`` and the device choice.
 
-Launched by ``torchrun --nproc_per_node N -m pixreg train ...`` (``WORLD_SIZE > 1`` in
-the environment), :func:`setup` initialises the default process group (``nccl`` on
-CUDA, ``gloo`` on CPU) and picks ``cuda:LOCAL_RANK``; otherwise it does nothing. Only
-rank 0 writes files (config, logs, TensorBoard, checkpoints, metrics) and shows
-progress bars; statistics of the regularizers are global through
+Launched by ``torchrun --nproc-per-node N -m pixreg train ...`` (``WORLD_SIZE > 1`` in
+the environment), :func:`setup` initialises the default process group from the
+environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``;
+``nccl`` on CUDA, ``gloo`` on CPU) and picks ``cuda:LOCAL_RANK``; otherwise it does
+nothing. On several machines (``torchrun --nnodes M --node-rank ...``) ``RANK`` is the
+global rank and ``LOCAL_RANK`` the rank on this machine: the GPU is chosen by
+``LOCAL_RANK``, everything else (data shard, "main process") by the global rank. Only
+global rank 0 writes files (config, logs, TensorBoard, checkpoints, metrics) and shows
+progress bars, so the run folder must be on a file system every machine sees for
+``--resume`` (all ranks read ``last.pt``). Batch statistics are global through
 :mod:`pixreg.distributed`.
 """
 from __future__ import annotations
@@ -44,6 +49,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r} requested but CUDA is not available (use --device cpu)")
         if device == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                                   "device(s): use --nproc-per-node <= the number of GPUs")
             return torch.device("cuda", local_rank)
         return torch.device(device)
     if device != "cpu":
