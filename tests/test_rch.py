@@ -110,12 +110,15 @@ def ref_loss(e, z, y, protos, pvalid, *, tau=0.5, weight=0.1, hard_weight=1.0, u
     return {n: weight * v / n_anchor for n, v in tot.items()}
 
 
-def ref_update(e, z, y, protos, init, rho):
+def ref_update(e, z, y, protos, init, rho, source="tp"):
     pixels = ref_pixels(e.detach(), z, y)
     tp, _, _ = ref_sets(pixels, protos.shape[0], False)
     new, new_init = protos.clone().to(DT), init.clone()
     for k in range(protos.shape[0]):
-        members = tp.get((0, k), [])
+        if source == "gt":
+            members = [q for q in pixels if q["y"] == k]
+        else:
+            members = tp.get((0, k), [])
         if not members:
             continue
         mean = sum(q["e"] for q in members) / len(members)
@@ -329,6 +332,29 @@ def test_prototype_update_matches_reference_and_is_pure():
     # float32 state with float64 embeddings keeps its dtype
     new32, _ = rch_update_prototypes(e, z, y, protos.float(), init)
     assert new32.dtype == torch.float32
+
+
+def test_ground_truth_prototype_source_matches_reference():
+    """``source="gt"``: every labelled pixel of the class, not only its true positives."""
+    e, z, y, _, _ = make_inputs(seed=11)
+    protos = torch.randn(4, 5, dtype=DT)
+    init = torch.tensor([True, False, False, True])
+    new, new_init = rch_update_prototypes(e, z, y, protos, init, rho=0.8, source="gt")
+    ref, ref_init = ref_update(e, z, y, protos, init, 0.8, source="gt")
+    torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(new_init, ref_init)
+    tp_new, _ = rch_update_prototypes(e, z, y, protos, init, rho=0.8)
+    assert not torch.allclose(new, tp_new)  # the inputs have FN pixels, so the sources differ
+    with pytest.raises(ValueError, match="source"):
+        rch_update_prototypes(e, z, y, protos, init, source="learned")
+    mod = RCHLoss(4, 5, embed_dim=3, prototype_source="gt").double().train()
+    assert "prototype_source='gt'" in repr(mod)
+    mod(e, z, y)
+    want, _ = rch_update_prototypes(mod.embed(e).detach(), z, y, torch.zeros(4, 3, dtype=DT),
+                                    torch.zeros(4, dtype=torch.bool), source="gt")
+    torch.testing.assert_close(mod.prototypes, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="prototype_source"):
+        RCHLoss(4, 5, prototype_source="x")
 
 
 def _module_and_inputs(prototype_update, seed=10, **kw):

@@ -50,6 +50,7 @@ TERM_NAMES = ("fn", "fp")
 _SETS = ("batch", "image")
 _CALIBRATIONS = ("mean_of_cosines", "cosine_to_mean")
 _UPDATES = ("before", "after")
+_SOURCES = ("tp", "gt")
 _NORM_EPS = 1e-12  # cosine: u / max(|u|, eps), as F.normalize
 
 
@@ -263,12 +264,13 @@ def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tens
     return LossOutput(fn_term + fp_term, {"fn": fn_term, "fp": fp_term})
 
 
-def _update(prep: _Prepared, prototypes: torch.Tensor, initialized: torch.Tensor, rho: float
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _update(prep: _Prepared, prototypes: torch.Tensor, initialized: torch.Tensor, rho: float,
+            source: str = "tp") -> Tuple[torch.Tensor, torch.Tensor]:
     k = prep.num_classes
     with torch.no_grad(), no_autocast(prep.emb):
         e = prep.emb.detach()
-        tp_idx, _, _ = _set_indices(prep)
+        # "tp": true positives (the paper); "gt": every non-ignored pixel of the class (ablation)
+        tp_idx = _set_indices(prep)[0] if source == "tp" else prep.dlabels
         sums = e.new_zeros(k + 1, e.shape[1]).index_add(0, tp_idx, e)[:k]
         counts = torch.bincount(tp_idx, minlength=k + 1)[:k].to(e.dtype)
         sums = all_reduce_sum_no_grad(sums)
@@ -410,6 +412,7 @@ def rch_update_prototypes(
     *,
     rho: float = 0.9,
     ignore_index: int = 255,
+    source: str = "tp",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""TP-mean EMA update of the prototypes (pure: returns new tensors, no gradient).
 
@@ -417,7 +420,9 @@ def rch_update_prototypes(
     without autograd, so every process gets the same state). For every class with TP
     pixels: ``mu_k <- rho * mu_k + (1 - rho) * t_k`` if ``initialized[k]``, else
     ``mu_k <- t_k`` (first sighting). Classes without TP pixels are untouched. Inputs
-    are prepared as in :func:`rch_loss` (same sets, same resizing).
+    are prepared as in :func:`rch_loss` (same sets, same resizing). ``source="gt"`` (the
+    paper's ablation "ground-truth prototypes") averages every non-ignored pixel labelled
+    ``k`` instead of ``TP_k``.
 
     Returns:
         ``(new_prototypes (K, E) in the dtype of prototypes, new_initialized (K,) bool)``.
@@ -433,6 +438,7 @@ def rch_update_prototypes(
                 [0.0000, 3.0000]]), tensor([True, True]))
     """
     _check_real("rho", rho, lo=0.0, hi=1.0)
+    _check_choice("source", source, _SOURCES)
     check_same_device(embeddings=embeddings, logits=logits, labels=labels, prototypes=prototypes,
                       initialized=initialized)
     _check_prototypes(prototypes, initialized, "initialized")
@@ -442,7 +448,7 @@ def rch_update_prototypes(
         raise ValueError(
             f"`prototypes` has dimension {prototypes.shape[1]}, `embeddings` have {prep.emb.shape[1]} channels"
         )
-    return _update(prep, prototypes, initialized, rho)
+    return _update(prep, prototypes, initialized, rho, source)
 
 
 # ---------------------------------------------------------------------------- module
@@ -480,7 +486,9 @@ class RCHLoss(Regularizer):
     code adds BN); ``sets="batch"`` (the paper says "of the input image": per image is
     the option ``"image"``), ``calibration="mean_of_cosines"`` (paper). The paper
     skips the head during warm-up: use the criterion's warm-up for that. The released
-    code's OHEM pixel selection is not reproduced.
+    code's OHEM pixel selection is not reproduced. ``prototype_source="gt"`` builds the
+    prototypes from all ground-truth pixels of a class instead of its true positives (the
+    paper's Table 1 ablation; learnable prototypes, its other ablation, are not offered).
     """
 
     uses_features = True
@@ -501,6 +509,7 @@ class RCHLoss(Regularizer):
         sets: str = "batch",
         calibration: str = "mean_of_cosines",
         prototype_update: str = "after",
+        prototype_source: str = "tp",
         head_norm: bool = False,
         ignore_index: int = 255,
     ) -> None:
@@ -512,6 +521,7 @@ class RCHLoss(Regularizer):
         _check_loss_args(tau, weight, hard_weight, sets, calibration)
         _check_real("rho", rho, lo=0.0, hi=1.0)
         _check_choice("prototype_update", prototype_update, _UPDATES)
+        _check_choice("prototype_source", prototype_source, _SOURCES)
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.embed_dim = embed_dim
@@ -524,6 +534,7 @@ class RCHLoss(Regularizer):
         self.sets = sets
         self.calibration = calibration
         self.prototype_update = prototype_update
+        self.prototype_source = prototype_source
         self.ignore_index = ignore_index
         self.head = nn.Conv2d(in_channels, embed_dim, 1, bias=not head_norm)
         # BatchNorm over the global batch under torch.distributed (plain BatchNorm2d otherwise)
@@ -546,7 +557,7 @@ class RCHLoss(Regularizer):
 
     @torch.no_grad()
     def _apply_update(self, prep: _Prepared) -> None:
-        new, init = _update(prep, self.prototypes, self.initialized, self.rho)
+        new, init = _update(prep, self.prototypes, self.initialized, self.rho, self.prototype_source)
         self.prototypes.copy_(new)
         self.initialized.copy_(init)
 
@@ -581,6 +592,6 @@ class RCHLoss(Regularizer):
             f"num_classes={self.num_classes}, in_channels={self.in_channels}, embed_dim={self.embed_dim}, "
             f"tau={self.tau}, rho={self.rho}, weight={self.weight}, hard_weight={self.hard_weight}, "
             f"use_fn={self.use_fn}, use_fp={self.use_fp}, sets={self.sets!r}, "
-            f"calibration={self.calibration!r}, prototype_update={self.prototype_update!r}, "
+            f"calibration={self.calibration!r}, prototype_update={self.prototype_update!r}, prototype_source={self.prototype_source!r}, "
             f"ignore_index={self.ignore_index}"
         )
