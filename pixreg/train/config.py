@@ -74,7 +74,7 @@ DEFAULTS: Dict[str, Any] = {
         "warmup_steps": 0,  # linear learning-rate warm-up
         "grad_clip": None,  # max global grad norm (None: off)
         "amp": False,  # autocast (bfloat16 on CPU, float16 on CUDA)
-        "sync_bn": False,  # SyncBatchNorm under torchrun
+        "sync_bn": False,  # global BatchNorm under torchrun (SyncBatchNorm on CUDA, pixreg GlobalBatchNorm on CPU)
         "log_every": 1,  # rows of log.csv / TensorBoard points (every step by default)
         "ckpt_every": 100,  # steps between checkpoints (last.pt); the last step always saves
         "eval_every": 0,  # steps between validation passes (0: only at the end); best.pt tracks val mIoU
