@@ -1,4 +1,4 @@
-"""The ``pixreg`` command line: ``train``, ``eval``, ``compare``.
+"""The ``pixreg`` command line: ``train``, ``eval``, ``compare``, ``diagnose``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     pixreg train --out runs/car --resume                   # continue a killed run
     pixreg eval runs/car --splits test,test_openset        # re-evaluate a run's checkpoint
     pixreg compare --config configs/scenes.yaml --methods ce,cplus1,car,lall,rch --seeds 2 --out runs/cmp
+    pixreg diagnose runs/ce runs/car --out runs/diag           # HTML report of what the regularizer did
     pixreg train --config configs/camvid.yaml --data-root /data/camvid --set train.steps=2000 --set model.opts.width=32
 
 Every option of the YAML configuration can be overridden with ``--set key.sub=value``
@@ -62,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=2, help="number of seeds: 0..N-1 (default 2)")
     c.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (overrides --seeds)")
     c.add_argument("--out", "-o", default=None, help="output folder (default: runs/compare_<dataset>)")
+
+    d = sub.add_parser("diagnose", help="report what the regularizers did to the pixel features of trained runs (HTML + PNG + CSV/JSON)")
+    d.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding config.yaml and checkpoints/)")
+    d.add_argument("--out", "-o", default=None, help="output folder (default: <first run>/diagnostics)")
+    d.add_argument("--data", default=None, help="dataset name (default: the one each run was trained on, from its config.yaml)")
+    d.add_argument("--split", default=None, help="split to analyse (default: the run's first test split), e.g. test_openset")
+    d.add_argument("--checkpoint", default="last", help="last, best, or a path to a .pt file (default: last)")
+    d.add_argument("--examples", type=int, default=4, help="images shown with error and RCH calibration maps (default 4)")
+    d.add_argument("--samples-per-class", type=int, default=300, help="pixels sampled per class for t-SNE and distances (default 300)")
+    d.add_argument("--max-images", type=int, default=None, help="use only the first N images of the split")
+    d.add_argument("--openset-split", default="auto", help="split with unseen background kinds (scenes: test_openset; 'none' to skip)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the pixel sample and t-SNE (default 0)")
+    _common(d, config=False)
     return parser
 
 
@@ -161,12 +175,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    import torch
+
+    from .viz.diagnose import diagnose
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    device = args.device if args.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join(args.runs[0], "diagnostics")
+    summary = diagnose(args.runs, out, split=args.split, data=args.data, overrides=_overrides(args), checkpoint=args.checkpoint,
+                       device=device, examples=args.examples, feature_capacity=args.samples_per_class,
+                       max_images=args.max_images, openset_split=None if args.openset_split == "none" else args.openset_split,
+                       progress=not args.no_progress, seed=args.seed)
+    print(f"diagnostics of {len(summary['runs'])} run(s) on {summary['split']} -> {os.path.join(out, 'report.html')}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``pixreg`` console script; returns the exit status."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare}
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "diagnose": _cmd_diagnose}
     try:
         return handlers[args.command](args)
     except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, ImportError) as err:
