@@ -121,6 +121,11 @@ def test_build_criterion_fills_model_and_dataset_attributes():
     crit, _ = build_criterion("car", model, num_classes=4, options={"car": {"projection": "conv1x1", "projection_dim": 16}})
     assert isinstance(crit.projections["car"], torch.nn.Conv2d) and crit.projections["car"].out_channels == 16
     assert len(list(crit.parameters())) == 2
+    crit, _ = build_criterion("car", model, num_classes=4, options={"car": {"projection": "conv3x3"}})
+    proj = crit.projections["car"]
+    assert proj.kernel_size == (3, 3) and proj.padding == (1, 1) and proj.out_channels == model.feature_dim
+    with pytest.raises(ValueError, match="conv3x3"):
+        build_criterion("car", model, num_classes=4, options={"car": {"projection": "conv5x5"}})
 
 
 def test_build_criterion_errors():

@@ -19,8 +19,9 @@ rch       ``RCHLoss(num_classes, in_channels=feat_dim, ignore_index=)``
 Per-method options (``methods.<name>`` in the YAML): ``weight`` (multiplies the
 regularizer, default 1), ``warmup`` (steps during which it is off, default 0),
 ``layer`` (dotted module name of the feature layer, default ``model.feature_layer``),
-``projection`` (``null`` or ``"conv1x1"``: a training-only 1x1 conv on the features,
-owned by the criterion, with ``projection_dim`` outputs, default the feature width)
+``projection`` (``null``, ``"conv1x1"`` or ``"conv3x3"``: a training-only conv on the
+features, owned by the criterion, with ``projection_dim`` outputs, default the feature
+width; CAR's paper prefers 1x1 so that pixels across a boundary are not mixed)
 and any keyword argument of the loss class (checked against its signature). A loss
 class's own ``weight`` argument (RCH's lambda = 0.1, LALL's weight = 1) is set with
 ``loss_weight``; the effective multiplier is ``weight * loss_weight``.
@@ -51,6 +52,9 @@ METHODS: Dict[str, Tuple[str, str]] = {
     "lall": ("pixreg.losses.lall", "LocallyAdaptiveLoss"),
     "rch": ("pixreg.losses.rch", "RCHLoss"),
 }
+
+#: Training-only projections a term can put in front of its loss (CAR's paper compares 1x1 with 3x3).
+_PROJECTION_KERNELS = {"conv1x1": 1, "conv3x3": 3}
 
 #: Keys of ``methods.<name>`` that configure the term, not the loss constructor.
 RESERVED = ("weight", "warmup", "layer", "projection", "projection_dim", "loss_weight")
@@ -167,10 +171,11 @@ def build_criterion(
         if projection not in (None, False, "none"):
             if not uses_features:
                 raise ValueError(f"methods.{name}.projection: {name!r} does not use features")
-            if projection != "conv1x1":
-                raise ValueError(f"methods.{name}.projection must be null or 'conv1x1', got {projection!r}")
+            if projection not in _PROJECTION_KERNELS:
+                raise ValueError(f"methods.{name}.projection must be null, 'conv1x1' or 'conv3x3', got {projection!r}")
             out_dim = int(projection_dim or feat_dim)
-            proj_module = nn.Conv2d(feat_dim, out_dim, 1)
+            kernel = _PROJECTION_KERNELS[projection]
+            proj_module = nn.Conv2d(feat_dim, out_dim, kernel, padding=kernel // 2)
             feat_dim = out_dim
         accepted, var_kw = _accepts(cls)
         unknown = sorted(k for k in opts if k not in accepted and not (k == "loss_weight" and "weight" in accepted))
