@@ -112,8 +112,9 @@ class GlobalBatchNorm(_BatchNorm):
     """BatchNorm whose training statistics are those of the global batch, on any device.
 
     A drop-in for ``nn.BatchNorm1d/2d/3d`` (same parameters, buffers and state-dict
-    keys; :class:`GlobalBatchNorm2d` etc. are also instances of those). Without a process group, or in eval mode, it *is* ``BatchNorm``. In training
-    under ``torch.distributed`` the per-channel mean and (biased) variance are computed
+    keys; :class:`GlobalBatchNorm2d` etc. are also instances of those). Without a
+    process group, or in eval mode, it *is* ``BatchNorm``. In training under
+    ``torch.distributed`` the per-channel mean and (biased) variance are computed
     from all-reduced sums (two-pass: sums, then squared deviations), both with
     gradient (:func:`all_reduce_sum`), so outputs and gradients equal those of one
     process on the whole batch; the running statistics get the same update on every
