@@ -1,0 +1,67 @@
+"""The claims scoreboard harness (benchmarks/claims.py) on a tiny protocol."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("yaml")
+pytest.importorskip("sklearn")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "claims.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("claims", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_claim_names_known_variants():
+    claims = load()
+    for row in claims.CLAIMS:
+        for v in row[3:5]:
+            assert v == "" or v in claims.VARIANTS, v
+        assert row[-1] in (1, -1)
+    for variant, (method, opts) in claims.VARIANTS.items():  # every variant builds a valid config
+        cfg = claims.variant_config(variant, 0, None, [])
+        assert cfg["method"] == method
+
+
+def test_judge_directions():
+    claims = load()
+    up = {"mean": 1.0, "lo": 0.5, "hi": 1.5}
+    assert claims.judge(up, +1) == "supported"
+    assert claims.judge(up, -1).startswith("not supported")
+    assert claims.judge({"mean": 0.1, "lo": -1.0, "hi": 1.2}, +1) == "inconclusive at this power"
+    assert claims.judge({"mean": None, "lo": None, "hi": None}, +1) == "not run"
+
+
+def test_tiny_scoreboard_end_to_end(tmp_path):
+    claims = load()
+    n_threads = torch.get_num_threads()
+    tiny = ["data.size=[32,32]", "data.opts={digits: [0, 1, 2], num_images: 12}",
+            "model.opts={width: 4, depth: 10, head_channels: 8}", "train.steps=3", "train.batch_size=4",
+            "train.ckpt_every=3", "eval.batch_size=8", "threads=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    args = ["--seeds", "0,1", "--out", str(tmp_path / "runs"), "--only", "ce,car", "--results",
+            str(tmp_path / "claims.json"), "--markdown", str(tmp_path / "claims.md")]
+    for o in tiny:
+        args += ["--set", o]
+    try:
+        assert claims.main(args) == 0
+    finally:
+        torch.set_num_threads(n_threads)
+    rows = json.load(open(tmp_path / "claims.json"))["rows"]
+    by_claim = {(r["claim"], r["dataset"]): r for r in rows}
+    sim = by_claim[("class-centre similarity between classes drops (Fig. 4)", "scenes")]
+    assert sim["diff"]["n"] == 2 and -1.0 <= sim["mean_a"] <= 1.0 and sim["verdict"] != "not run"
+    assert os.path.exists(tmp_path / "runs" / "car" / "seed1" / "centre_similarity.json")
+    assert by_claim[("window 5 beats plain CE (Table 2)", "scenes")]["verdict"] == "not run"
+    assert "not run: pixreg offers" in by_claim[("TP prototypes beat learnable prototypes (Table 1)", "scenes")]["verdict"]
+    md = open(tmp_path / "claims.md").read()
+    assert "| CAR | class-centre similarity" in md and "Verdict counts" in md
