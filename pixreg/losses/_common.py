@@ -165,6 +165,15 @@ class ClassStats:
         return self.sums / self.counts.clamp(min=1).unsqueeze(1)
 
 
+def bin_counts(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``(size,)`` int64 counts of the values ``0..size-1`` of ``index`` (int64).
+
+    One scatter pass like ``torch.bincount(index, minlength=size)``, but with a static
+    output shape (``bincount``'s depends on the data: a graph break under ``torch.compile``).
+    """
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
 def class_stats(feats: torch.Tensor, dlabels: torch.Tensor, num_classes: int) -> ClassStats:
     """One-pass per-class sums and counts of flat ``feats (N, D)`` with dump labels ``(N,)``.
 
@@ -172,7 +181,7 @@ def class_stats(feats: torch.Tensor, dlabels: torch.Tensor, num_classes: int) ->
     """
     n, d = feats.shape
     sums = feats.new_zeros(num_classes + 1, d).index_add(0, dlabels, feats)[:num_classes]
-    counts = torch.bincount(dlabels, minlength=num_classes + 1)[:num_classes].to(feats.dtype)
+    counts = bin_counts(dlabels, num_classes + 1)[:num_classes].to(feats.dtype)
     return ClassStats(all_reduce_sum(sums), all_reduce_sum_no_grad(counts))
 
 

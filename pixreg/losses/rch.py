@@ -32,6 +32,7 @@ from torch import nn
 
 from ..distributed import GlobalBatchNorm2d, all_reduce_sum_no_grad
 from ._common import (
+    bin_counts,
     check_floating,
     check_labels,
     check_same_device,
@@ -200,7 +201,7 @@ def _anchor_set_sums(feats: torch.Tensor, members: torch.Tensor, prep: _Prepared
         rows = prep.num_images * k
         idx = torch.where(members < k, prep.image * k + members, torch.full_like(members, rows))
         sums = feats.new_zeros(rows + 1, d).index_add(0, idx, feats)
-        counts = torch.bincount(idx, minlength=rows + 1).to(feats.dtype)
+        counts = bin_counts(idx, rows + 1).to(feats.dtype)
         row = torch.where(prep.dlabels < k, prep.image * k + prep.dlabels, torch.full_like(idx, rows))
     return sums[row], counts[row]
 
@@ -272,7 +273,7 @@ def _update(prep: _Prepared, prototypes: torch.Tensor, initialized: torch.Tensor
         # "tp": true positives (the paper); "gt": every non-ignored pixel of the class (ablation)
         tp_idx = _set_indices(prep)[0] if source == "tp" else prep.dlabels
         sums = e.new_zeros(k + 1, e.shape[1]).index_add(0, tp_idx, e)[:k]
-        counts = torch.bincount(tp_idx, minlength=k + 1)[:k].to(e.dtype)
+        counts = bin_counts(tp_idx, k + 1)[:k].to(e.dtype)
         sums = all_reduce_sum_no_grad(sums)
         counts = all_reduce_sum_no_grad(counts)
         mean = sums / counts.clamp(min=1)[:, None]

@@ -1,0 +1,84 @@
+"""The speed/memory benchmark keeps working, and its naive implementations agree with the library.
+
+The naive versions (benchmarks/naive.py: per-class loops, unfolded LALL, LALL under plain
+autograd) are written independently of pixreg's vectorised code, so agreeing values and
+gradients in float64 are a real cross-check of the library.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import bench_losses  # noqa: E402
+import naive  # noqa: E402
+
+from pixreg.losses.car import car_loss  # noqa: E402
+from pixreg.losses.cplus1 import cplus1_loss  # noqa: E402
+from pixreg.losses.lall import locally_adaptive_loss  # noqa: E402
+from pixreg.losses.rch import rch_loss  # noqa: E402
+
+
+def _inputs(seed: int, k: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = (2 * torch.randn(2, k, 20, 24, generator=g, dtype=torch.float64)).requires_grad_(True)
+    labels = torch.randint(0, k - 1, (2, 20, 24), generator=g)  # class k-1 absent
+    labels[torch.rand(2, 20, 24, generator=g) < 0.15] = 255
+    return feats, logits, labels, g
+
+
+def _agree(lib, nai, inputs):
+    a, b = lib(), nai()
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    ga = torch.autograd.grad(a, inputs, allow_unused=True)
+    gb = torch.autograd.grad(b, inputs, allow_unused=True)
+    for x, y in zip(ga, gb):
+        if x is None or y is None:
+            assert x is None or not x.abs().any()
+            assert y is None or not y.abs().any()
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_naive_versions_agree_with_library(seed):
+    feats, logits, labels, g = _inputs(seed)
+    k = logits.shape[1]
+    centres = 0.8 * F.normalize(torch.randn(k - 1, 8, generator=g, dtype=torch.float64), dim=1)
+    protos = torch.randn(k, 8, generator=g, dtype=torch.float64)
+    _agree(lambda: cplus1_loss(feats, labels, centres).loss, lambda: naive.naive_cplus1(feats, labels, centres), (feats,))
+    _agree(lambda: car_loss(feats, labels, k).loss, lambda: naive.naive_car(feats, labels, k), (feats,))
+    _agree(lambda: rch_loss(feats, logits, labels, protos).loss,
+           lambda: naive.naive_rch(feats, logits, labels, protos), (feats, logits))
+    for nai in (naive.naive_lall_unfold, naive.naive_lall_views):
+        _agree(lambda: locally_adaptive_loss(logits, labels).loss, lambda nai=nai: nai(logits, labels), (logits,))
+
+
+def test_benchmark_runs_on_a_tiny_configuration(tmp_path):
+    out = tmp_path / "res"
+    res = bench_losses.main([
+        "--classes", "4,5", "--sizes", "16,32", "--batch", "2", "--width", "4", "--repeats", "1",
+        "--step-repeats", "1", "--naive-repeats", "1", "--naive-classes", "4", "--naive-sizes", "16",
+        "--step-classes", "4", "--step-sizes", "16", "--out", str(out),
+    ])
+    saved = json.loads((tmp_path / "res.json").read_text())
+    md = (tmp_path / "res.md").read_text()
+    assert "Whole training step" in md and "Naive implementations" in md and "Exponents" in md
+    for key in ("command", "machine", "torch", "date", "memory_method"):
+        assert saved[key]
+    assert set(saved["loss"]) == {"4x16", "5x16", "4x32", "5x32"}
+    for row in list(res["loss"].values()) + list(res["step"].values()):
+        for m in bench_losses.METHODS:
+            assert row[m]["median_s"] > 0 and row[m]["peak_bytes"] > 0
+    for name, r in res["naive"]["4x16"].items():
+        assert math.isclose(r["library_value"], r["naive_value"], rel_tol=1e-4), name
+    assert math.isfinite(res["exponents"]["peak_bytes"]["pixels"]["lall"][4])
