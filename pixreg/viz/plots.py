@@ -35,8 +35,8 @@ def class_colors(k: int, bg: Optional[int]) -> List:
     return cols
 
 
-def _grid(n: int, width: float = 4.2, height: float = 3.8, rows: int = 1):
-    fig, axes = plt.subplots(rows, n, figsize=(width * n, height * rows), squeeze=False)
+def _grid(n: int, width: float = 4.6, height: float = 3.8, rows: int = 1):
+    fig, axes = plt.subplots(rows, n, figsize=(width * n, height * rows), squeeze=False, layout="constrained")
     return fig, axes
 
 
@@ -49,8 +49,9 @@ def _heatmap(ax, m: np.ndarray, names: List[str], title: str, vmin: float, vmax:
         for i in range(len(names)):
             for j in range(len(names)):
                 if np.isfinite(m[i, j]):
+                    r, g, b, _ = im.cmap(im.norm(m[i, j]))
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if (m[i, j] - vmin) / (vmax - vmin + 1e-12) > 0.6 else "black")
+                            color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
     return im
 
 
@@ -60,7 +61,7 @@ def centre_similarity(mats: Dict[str, Any]):
     for j, r in enumerate(runs):
         im0 = _heatmap(axes[0, j], mats["runs"][r]["centre_cosine"], names, f"{r}: centre cosine", -1, 1, "RdBu_r")
         dep = mats["runs"][r]["centre_dependency"]
-        im1 = _heatmap(axes[1, j], dep, names, f"{r}: CAR dependency softmax(mu mu^T/sqrt D)", 0, 1, "viridis")
+        im1 = _heatmap(axes[1, j], dep, names, f"{r}: CAR class dependency", 0, 1, "viridis")
     fig.colorbar(im0, ax=list(axes[0]), shrink=0.8)
     fig.colorbar(im1, ax=list(axes[1]), shrink=0.8)
     return fig
@@ -122,7 +123,7 @@ def logit_hist(hists: Dict[str, Any]):
 
 def per_class_iou(iou: Dict[str, List[Optional[float]]], names: List[str]):
     runs = list(iou)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) * max(1, len(runs)) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) * max(1, len(runs)) + 2), 3.4), layout="constrained")
     width = 0.8 / max(1, len(runs))
     x = np.arange(len(names))
     for j, r in enumerate(runs):
@@ -133,7 +134,6 @@ def per_class_iou(iou: Dict[str, List[Optional[float]]], names: List[str]):
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     ax.set_title("per-class IoU", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -153,7 +153,6 @@ def training_curves(curves: Dict[str, Dict[str, np.ndarray]], smooth):
             ax.set_yscale("log")
     if keys:
         axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
@@ -165,7 +164,8 @@ def background_distance(back: Dict[str, Any]):
 
 def examples(maps: List[Dict[str, Any]], names: List[str], bg: Optional[int], title: str):
     cols = ["input", "ground truth", "prediction", "error", "phi (FN compensation)", "psi (FP penalty)"]
-    fig, axes = plt.subplots(len(maps), len(cols), figsize=(2.1 * len(cols), 2.1 * len(maps) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(maps), len(cols), figsize=(2.1 * len(cols) + 0.6, 2.1 * len(maps) + 0.4), squeeze=False,
+                             layout="constrained")
     cmap = ListedColormap(class_colors(len(names), bg))
     for i, m in enumerate(maps):
         panels = [m["image"], m["label"], m["pred"], m["error"], m["phi"], m["psi"]]
@@ -176,7 +176,7 @@ def examples(maps: List[Dict[str, Any]], names: List[str], bg: Optional[int], ti
             elif j in (1, 2):
                 ax.imshow(np.ma.masked_where(p >= len(names), p), cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
             elif j == 3:
-                ax.imshow(p, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+                ax.imshow(p, cmap=ListedColormap(["white", "crimson"]), vmin=0, vmax=1, interpolation="nearest")
             else:
                 im = ax.imshow(np.ma.masked_invalid(p), cmap="magma", vmin=0, vmax=2, interpolation="nearest")
             ax.set_xticks([])

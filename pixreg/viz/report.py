@@ -100,7 +100,7 @@ def write_report(out: str, summary: Dict[str, Any], name: str = "report.html") -
         desc, csv_name = DESCRIPTIONS.get(key, ("", None))
         parts.append(f"<h2>{html.escape(fig['title'])}</h2>")
         if key.startswith("examples_"):
-            desc = ("Input, ground truth, prediction, error map (misclassified pixels in black) and RCH's calibration "
+            desc = ("Input, ground truth, prediction, error map (misclassified pixels in red) and RCH's calibration "
                     "terms per pixel, computed in each image: phi = 1 - mean cosine to the FN pixels of the pixel's "
                     "class (FN compensation), psi = 1 + mean cosine to its FP pixels (FP penalty); 0 where the set "
                     "is empty. Embedding: the run's RCH head when it had one, otherwise the model's pixel features "
