@@ -108,6 +108,31 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out[:, 0].to(labels.dtype)
 
 
+def resize_bilinear(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(z, size, mode="bilinear", align_corners=False)`` for ``(B, C, H, W)``.
+
+    An integer downscale (``H = s * h``, ``W = t * w``) is taken from strided views, with
+    the same weights: sample ``i`` sits at source coordinate ``i*s + (s-1)/2``, i.e. the
+    mean of the two middle pixels of its block for an even factor, the middle pixel for
+    an odd one. This avoids the full-resolution copy that ``F.interpolate`` makes on CPU
+    (equal up to rounding). Anything else goes to ``F.interpolate``.
+    """
+    (big_h, big_w), (h, w) = z.shape[-2:], size
+    if big_h % h or big_w % w:
+        return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+    for dim, factor in ((-2, big_h // h), (-1, big_w // w)):
+        if factor == 1:
+            continue
+        mid = (factor - 1) // 2
+        first = z.narrow(dim, mid, z.shape[dim] - mid).unfold(dim, 1, factor).squeeze(-1)
+        if factor % 2 == 0:
+            second = z.narrow(dim, mid + 1, z.shape[dim] - mid - 1).unfold(dim, 1, factor).squeeze(-1)
+            z = 0.5 * (first + second)
+        else:
+            z = first
+    return z
+
+
 def flatten_features(
     features: torch.Tensor,
     labels: torch.Tensor,

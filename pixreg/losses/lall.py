@@ -23,10 +23,9 @@ pixels of the whole (global) batch; ``k`` the Minkowski power (3 in the paper).
 The pooled vectors are built from shifted views of the normalised logits (one in-place
 multiply-add per window offset), never from an unfolded ``(B, K*s*s, H*W)`` tensor, one
 image at a time (``O(K*H*W)`` scratch). The backward pass is written by hand
-(:class:`_PooledNumerator`): the gradient of the local numerator ``sum_p L_p^k`` is built
-in the forward pass, image by image while its pool is in cache, and kept for backward
-(one ``(B, K, H, W)`` tensor); no autograd graph is recorded over the ``s*s`` offsets.
-No host synchronisation; runs under ``torch.compile``.
+(:class:`_PooledNumerator`): nothing but the inputs is kept for it (each image's pool is
+recomputed), and no autograd graph is recorded over the ``s*s`` offsets. No host
+synchronisation; runs under ``torch.compile`` without graph breaks.
 """
 from __future__ import annotations
 
@@ -145,60 +144,66 @@ def _pool_image(zhat: torch.Tensor, b: int, coefs, offsets, xi_den: torch.Tensor
     return acc.div_(xi_den[b].unsqueeze(0))
 
 
+def _lall_pass(z, labels, hparams, grad_numerator=None):
+    """``sum_p L_p^power`` over the valid centres of ``z`` and, given the upstream gradient
+    ``grad_numerator`` (a scalar), the gradient with respect to ``z``. One image at a time."""
+    ignore_index, window, exponential, xi_weight_sum, normalize, eps, stride, power = hparams
+    height, width = labels.shape[-2:]
+    offsets = _window_offsets(height, width, window, stride, exponential, xi_weight_sum)
+    coefs, xi_den, valid, target = _pool_setup(labels, ignore_index, offsets, stride, z.dtype)
+    ignored = (labels == ignore_index).unsqueeze(1)
+    grad = None if grad_numerator is None else torch.empty_like(z)
+    numerator = z.new_zeros(())
+    for b in range(z.shape[0]):
+        zhat, std, var = _masked_zscore(z[b], ignored[b], normalize, eps)
+        acc = _pool_image(zhat, b, coefs, offsets, xi_den)
+        lse = torch.logsumexp(acc, dim=0)
+        tgt = target[b].unsqueeze(0)
+        ce = torch.where(valid[b], lse - acc.gather(0, tgt)[0], torch.zeros_like(lse))
+        if grad is None:
+            numerator = numerator + (ce.pow(power).sum() if power != 1 else ce.sum())
+            continue
+        # d numerator / d(acc before the division by xi) = power L^(power-1) (softmax - onehot) / xi
+        dce = power * ce.pow(power - 1) if power != 1 else torch.ones_like(ce)
+        scale = torch.where(valid[b], dce, torch.zeros_like(dce)) * grad_numerator / xi_den[b]
+        g_acc = acc.sub_(lse.unsqueeze(0)).exp_()  # softmax, in place
+        g_acc.scatter_add_(0, tgt, torch.full_like(g_acc[:1], -1.0)).mul_(scale.unsqueeze(0))
+        g_zhat = torch.zeros_like(zhat)
+        for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
+            g_zhat[:, nr, nc].addcmul_(g_acc[:, cr, cc], coef[b].unsqueeze(0))
+        if normalize:
+            # zhat = c / std, c = z - mean(z), std = sqrt(max(var, eps^2)), var = mean(c^2)
+            through_std = (var >= eps * eps).to(z.dtype) * (g_zhat * zhat).mean(dim=0, keepdim=True)
+            g_c = g_zhat.sub_(zhat * through_std).div_(std)
+            grad[b] = g_c - g_c.mean(dim=0, keepdim=True)
+        else:
+            grad[b] = g_zhat  # 0 at ignored pixels (they never pool)
+    return numerator, grad
+
+
 class _PooledNumerator(torch.autograd.Function):
-    """``sum_p L_p^power`` over the valid centres of the local batch, with its gradient.
+    """``sum_p L_p^power`` over the valid centres of the local batch, with a hand-written backward.
 
     Works one image at a time: the z-scored logits, the pooled vectors and their gradients
     exist for one image only (``O(K*H*W)`` scratch, not ``O(B*K*H*W)``), and there is no
-    autograd graph over the ``s*s`` shifted views. Because the output is a scalar, the
-    gradient with respect to the logits is ``upstream * G`` with ``G`` known at the end of
-    the forward pass: ``G`` is computed there, while each image's pool is still in cache
-    (only when the logits require grad), and saved; backward is one multiplication. Saved
-    for backward: ``G``, one ``(B, K, H, W)`` tensor (nothing that scales with the window).
+    autograd graph over the ``s*s`` shifted views. Nothing but the inputs is saved for
+    backward (the logits are alive in the caller's graph anyway), so the loss adds no
+    ``(B, K, H, W)`` tensor to a training step's peak memory; backward recomputes each
+    image's pool (one more pass of ``s*s`` multiply-adds) before back-propagating it.
     """
 
     @staticmethod
     def forward(ctx, z, labels, ignore_index, window, exponential, xi_weight_sum, normalize, eps, stride, power):
-        height, width = labels.shape[-2:]
-        offsets = _window_offsets(height, width, window, stride, exponential, xi_weight_sum)
-        coefs, xi_den, valid, target = _pool_setup(labels, ignore_index, offsets, stride, z.dtype)
-        ignored = (labels == ignore_index).unsqueeze(1)
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(z) if need_grad else None
-        numerator = z.new_zeros(())
-        for b in range(z.shape[0]):
-            zhat, std, var = _masked_zscore(z[b], ignored[b], normalize, eps)
-            acc = _pool_image(zhat, b, coefs, offsets, xi_den)
-            lse = torch.logsumexp(acc, dim=0)
-            tgt = target[b].unsqueeze(0)
-            ce = torch.where(valid[b], lse - acc.gather(0, tgt)[0], torch.zeros_like(lse))
-            numerator = numerator + (ce.pow(power).sum() if power != 1 else ce.sum())
-            if not need_grad:
-                continue
-            # d numerator / d(acc before the division by xi) = power L^(power-1) (softmax - onehot) / xi
-            dce = power * ce.pow(power - 1) if power != 1 else torch.ones_like(ce)
-            scale = torch.where(valid[b], dce, torch.zeros_like(dce)) / xi_den[b]
-            g_acc = acc.sub_(lse.unsqueeze(0)).exp_()  # softmax, in place
-            g_acc.scatter_add_(0, tgt, torch.full_like(g_acc[:1], -1.0)).mul_(scale.unsqueeze(0))
-            g_zhat = torch.zeros_like(zhat)
-            for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
-                g_zhat[:, nr, nc].addcmul_(g_acc[:, cr, cc], coef[b].unsqueeze(0))
-            if normalize:
-                # zhat = c / std, c = z - mean(z), std = sqrt(max(var, eps^2)), var = mean(c^2)
-                through_std = (var >= eps * eps).to(z.dtype) * (g_zhat * zhat).mean(dim=0, keepdim=True)
-                g_c = g_zhat.sub_(zhat * through_std).div_(std)
-                grad[b] = g_c - g_c.mean(dim=0, keepdim=True)
-            else:
-                grad[b] = g_zhat  # 0 at ignored pixels (they never pool)
-        if need_grad:
-            ctx.save_for_backward(grad)
-        return numerator
+        ctx.hparams = (ignore_index, window, exponential, xi_weight_sum, normalize, eps, stride, power)
+        ctx.save_for_backward(z, labels)
+        return _lall_pass(z, labels, ctx.hparams)[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_numerator):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_numerator, None, None, None, None, None, None, None, None, None
+        z, labels = ctx.saved_tensors
+        grad = _lall_pass(z, labels, ctx.hparams, grad_numerator)[1]
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def locally_adaptive_loss(

@@ -42,6 +42,7 @@ from ._common import (
     flatten_features,
     global_mean,
     no_autocast,
+    resize_bilinear,
 )
 from .base import LossOutput, Regularizer
 
@@ -149,7 +150,7 @@ def _prepare(embeddings: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
         if z.dim() == 4:
             b, _, h, w = embeddings.shape
             if tuple(z.shape[-2:]) != (h, w):
-                z = F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
+                z = resize_bilinear(z, (h, w))  # = F.interpolate(bilinear, align_corners=False)
             z = z.permute(0, 2, 3, 1).reshape(b * h * w, num_classes)
             image = torch.arange(b, device=emb.device).repeat_interleave(h * w)
             num_images = b
