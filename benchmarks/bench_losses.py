@@ -169,12 +169,12 @@ def loss_alone(k: int, size: int, args, device: torch.device) -> dict:
         crit = crits[m]
 
         def fn() -> None:
-            feats.grad = logits.grad = None
             if m == "ce":
                 value = crit._cross_entropy(logits, labels)
             else:
                 value = crit.losses[m].compute(labels, features=feats, logits=logits)
-            value.backward()
+            # gradients returned (and dropped), not accumulated in .grad: every call starts equal
+            torch.autograd.grad(value, (feats, logits), allow_unused=True)
 
         return fn
 
@@ -196,11 +196,11 @@ def train_step(k: int, size: int, args, device: torch.device) -> dict:
         crit = crits[m]
 
         def fn() -> None:
-            opt.zero_grad(set_to_none=True)
             feats = model.features(x)
             logits = F.interpolate(model.classifier(feats), size=x.shape[-2:], mode="bilinear", align_corners=False)
             crit(logits, labels, features=feats).total.backward()
             opt.step()
+            opt.zero_grad(set_to_none=True)  # freed here, so each call starts with no gradients
 
         return fn
 
@@ -228,8 +228,7 @@ def naive_vs_library(k: int, size: int, args, device: torch.device) -> dict:
     for name, (lib, nai) in pairs.items():
         for tag, f in (("library", lib), ("naive", nai)):
             def fn(f=f) -> None:
-                feats.grad = logits.grad = None
-                f().backward()
+                torch.autograd.grad(f(), (feats, logits), allow_unused=True)
             fns[f"{name}/{tag}"] = fn
         with torch.no_grad():
             values[name] = (float(lib()), float(nai()))
@@ -242,7 +241,6 @@ def naive_vs_library(k: int, size: int, args, device: torch.device) -> dict:
                      "library_value": values[name][0], "naive_value": values[name][1]}
         if args.memory:
             for tag in ("library", "naive"):
-                feats.grad = logits.grad = None
                 out[name][f"{tag}_peak_bytes"] = peak_bytes(fns[f"{name}/{tag}"], device)
     return out
 
