@@ -175,6 +175,20 @@ def metric_values(out: str, variant: str, seeds: Sequence[int], metric: str, spl
     return vals
 
 
+def collapsed(out: str, variant: str, seeds: Sequence[int], split: str = "test") -> int:
+    """Seeds in which the model predicts (almost) nothing but one class: every other class
+    has an IoU below 1 % on ``split``. Such a run says nothing about the finer claims."""
+    n = 0
+    for s in seeds:
+        mpath = os.path.join(run_dir(out, variant, s), "metrics.json")
+        if not variant or not os.path.exists(mpath):
+            continue
+        ious = sorted(json.load(open(mpath))["splits"].get(split, {}).get("per_class_iou", {}).values())
+        if len(ious) > 1 and ious[-2] < 1.0:
+            n += 1
+    return n
+
+
 def judge(diff: Dict[str, Any], direction: int) -> str:
     if diff["mean"] is None:
         return "not run"
@@ -205,6 +219,11 @@ def scoreboard(out: str, seeds: Sequence[int]) -> List[Dict[str, Any]]:
         diff = paired_interval(va, vb)
         row.update(values_a=va, values_b=vb, diff=diff, verdict=judge(diff, direction),
                    mean_a=_mean(va), mean_b=_mean(vb))
+        bad = {v: collapsed(out, v, seeds) for v in (a, b)}
+        row["collapsed"] = bad
+        notes = [f"`{v}` predicts one class only in {n}/{len(seeds)} seeds" for v, n in bad.items() if n]
+        if notes:
+            row["verdict"] += " — degenerate: " + ", ".join(notes)
         rows.append(row)
     camvid = os.path.join(ROOT, "benchmarks", "results", "camvid_compare.json")
     if os.path.exists(camvid):
@@ -244,9 +263,11 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
                      f"{d.get('n', 0) if d else 0} | {r['verdict']} |")
     counts: Dict[str, int] = {}
     for r in rows:
-        key = r["verdict"].split(" (")[0].split(":")[0]
+        key = r["verdict"].split(" —")[0].split(" (")[0].split(":")[0]
         counts[key] = counts.get(key, 0) + 1
-    lines += ["", "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), ""]
+    degenerate = sum(" — degenerate" in r["verdict"] for r in rows)
+    lines += ["", "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+              + f"; rows with a degenerate side (a model that predicts one class only): {degenerate}", ""]
     return "\n".join(lines)
 
 
@@ -270,7 +291,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"--only: unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
         train_all(args.out, seeds, args.config, args.overrides, args.progress, only)
     rows = scoreboard(args.out, seeds)
-    cmd = "python benchmarks/claims.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    cmd = "python benchmarks/claims.py " + " ".join(given)  # the command that trains and tabulates
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     cfg = variant_config("ce", seeds[0], args.config, args.overrides)

@@ -33,6 +33,16 @@ def test_every_claim_names_known_variants():
         assert cfg["method"] == method
 
 
+def test_collapsed_counts_one_class_runs(tmp_path):
+    claims = load()
+    for seed, ious in enumerate([{"background": 94.0, "0": 0.01, "1": 0.0}, {"background": 94.0, "0": 20.0, "1": 0.0}]):
+        d = tmp_path / "v" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"splits": {"test": {"per_class_iou": ious}}}))
+    assert claims.collapsed(str(tmp_path), "v", [0, 1]) == 1
+    assert claims.collapsed(str(tmp_path), "missing", [0, 1]) == 0
+
+
 def test_judge_directions():
     claims = load()
     up = {"mean": 1.0, "lo": 0.5, "hi": 1.5}
@@ -63,5 +73,6 @@ def test_tiny_scoreboard_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "runs" / "car" / "seed1" / "centre_similarity.json")
     assert by_claim[("window 5 beats plain CE (Table 2)", "scenes")]["verdict"] == "not run"
     assert "not run: pixreg offers" in by_claim[("TP prototypes beat learnable prototypes (Table 1)", "scenes")]["verdict"]
+    assert set(sim["collapsed"]) == {"car", "ce"} and all(0 <= n <= 2 for n in sim["collapsed"].values())
     md = open(tmp_path / "claims.md").read()
     assert "| CAR | class-centre similarity" in md and "Verdict counts" in md
