@@ -65,6 +65,9 @@ VARIANTS: Dict[str, Tuple[str, List[str]]] = {
     "rch_tau025": ("rch", ["methods.rch.tau=0.25"]),
     "rch_tau1": ("rch", ["methods.rch.tau=1.0"]),
     "rch_rho05": ("rch", ["methods.rch.rho=0.5"]),
+    # not a paper claim: does a warm-up (regularizer off for the first half) avoid the collapse?
+    "cplus1_warmup": ("cplus1", ["methods.cplus1.warmup=250"]),
+    "car_warmup": ("car", ["methods.car.projection=conv1x1", "methods.car.warmup=250"]),
 }
 
 OPEN = "test_openset"
@@ -99,6 +102,8 @@ CLAIMS: List[Tuple[str, str, str, str, str, str, str, int]] = [
     ("RCH", "tau 0.5 beats tau 1.0", "tau in [0.25, 0.5] best", "rch", "rch_tau1", "mIoU", "test", +1),
     ("RCH", "tau 0.25 beats tau 1.0", "tau in [0.25, 0.5] best", "rch_tau025", "rch_tau1", "mIoU", "test", +1),
     ("RCH", "rho 0.9 beats rho 0.5", "rho 0.9 best", "rch", "rch_rho05", "mIoU", "test", +1),
+    ("C+1", "(pixreg check) C+1 after a 250-step warm-up beats CE", "–", "cplus1_warmup", "ce", "mIoU", "test", +1),
+    ("CAR", "(pixreg check) CAR after a 250-step warm-up beats CE", "–", "car_warmup", "ce", "mIoU", "test", +1),
 ]
 NOT_OFFERED = {"TP prototypes beat learnable prototypes (Table 1)":
                "not run: pixreg offers TP (default) and ground-truth prototypes, not learnable ones"}
