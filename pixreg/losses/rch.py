@@ -272,9 +272,9 @@ def _update(prep: _Prepared, prototypes: torch.Tensor, initialized: torch.Tensor
     with torch.no_grad(), no_autocast(prep.emb):
         e = prep.emb.detach()
         # "tp": true positives (the paper); "gt": every non-ignored pixel of the class (ablation)
-        tp_idx = _set_indices(prep)[0] if source == "tp" else prep.dlabels
-        sums = e.new_zeros(k + 1, e.shape[1]).index_add(0, tp_idx, e)[:k]
-        counts = bin_counts(tp_idx, k + 1)[:k].to(e.dtype)
+        idx = _set_indices(prep)[0] if source == "tp" else prep.dlabels
+        sums = e.new_zeros(k + 1, e.shape[1]).index_add(0, idx, e)[:k]
+        counts = bin_counts(idx, k + 1)[:k].to(e.dtype)
         sums = all_reduce_sum_no_grad(sums)
         counts = all_reduce_sum_no_grad(counts)
         mean = sums / counts.clamp(min=1)[:, None]
