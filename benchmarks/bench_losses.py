@@ -157,12 +157,16 @@ def measure(fns: Dict[str, Callable[[], None]], repeats: int, args, device: torc
 
 
 # --------------------------------------------------------------------- (a) loss alone
+def loss_inputs(k: int, size: int, batch: int, device: torch.device, seed: int):
+    """Generator (for further draws), stride-8 features, full-size logits (both requiring grad), labels."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, FEAT_DIM, -(-size // 8), -(-size // 8), generator=g).to(device).requires_grad_(True)
+    logits = torch.randn(batch, k, size, size, generator=g).to(device).requires_grad_(True)
+    return g, feats, logits, make_labels(batch, size, k, device)
+
+
 def loss_alone(k: int, size: int, args, device: torch.device) -> dict:
-    b = args.batch
-    g = torch.Generator().manual_seed(1)
-    feats = torch.randn(b, FEAT_DIM, -(-size // 8), -(-size // 8), generator=g).to(device).requires_grad_(True)
-    logits = torch.randn(b, k, size, size, generator=g).to(device).requires_grad_(True)
-    labels = make_labels(b, size, k, device)
+    _, feats, logits, labels = loss_inputs(k, size, args.batch, device, seed=1)
     crits = {m: make_criterion(m, k, device) for m in METHODS}
 
     def run(m: str) -> Callable[[], None]:
@@ -209,11 +213,7 @@ def train_step(k: int, size: int, args, device: torch.device) -> dict:
 
 # ------------------------------------------------------------------ naive vs library
 def naive_vs_library(k: int, size: int, args, device: torch.device) -> dict:
-    b = args.batch
-    g = torch.Generator().manual_seed(3)
-    feats = torch.randn(b, FEAT_DIM, -(-size // 8), -(-size // 8), generator=g).to(device).requires_grad_(True)
-    logits = torch.randn(b, k, size, size, generator=g).to(device).requires_grad_(True)
-    labels = make_labels(b, size, k, device)
+    g, feats, logits, labels = loss_inputs(k, size, args.batch, device, seed=3)
     centres = F.normalize(torch.randn(k - 1, FEAT_DIM, generator=g), dim=1).to(device)
     protos = torch.randn(k, FEAT_DIM, generator=g).to(device)
     pairs = {

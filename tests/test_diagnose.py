@@ -77,9 +77,34 @@ def test_reservoir_is_bounded_stratified_and_uniform():
     assert abs(hits[:1000].sum() - hits[1000:].sum()) < 0.25 * hits.sum()
 
 
-def test_calibration_maps_equal_rch_terms():
-    from pixreg.losses import rch
+def _ref_calibration_maps(emb, logits, labels, k, calibration):
+    """Loop reference from METHODS.md section 4, per image (float64): labels nearest (floor),
+    logits bilinear to the embedding size; phi = 1 - m(FN_y), psi = 1 + m(FP_y), 0 for an empty set."""
+    b, _, h, w = emb.shape
+    z = torch.nn.functional.interpolate(logits.double(), size=(h, w), mode="bilinear", align_corners=False)
+    big_h, big_w = labels.shape[-2:]
+    phi = torch.full((b, h, w), float("nan"), dtype=torch.float64)
+    psi = phi.clone()
+    for i in range(b):
+        px = [(r, c, int(labels[i, r * big_h // h, c * big_w // w]), int(z[i, :, r, c].argmax())) for r in range(h) for c in range(w)]
+        vec = {(r, c): emb[i, :, r, c].double() for r, c, _, _ in px}
 
+        def sim(r, c, members):
+            if calibration == "mean_of_cosines":
+                return sum(torch.cosine_similarity(vec[m], vec[(r, c)], dim=0) for m in members) / len(members)
+            return torch.cosine_similarity(sum(vec[m] for m in members) / len(members), vec[(r, c)], dim=0)
+
+        for r, c, y, _ in px:
+            if y == 255:
+                continue
+            fn = [(r2, c2) for r2, c2, y2, p2 in px if y2 == y and p2 != y]
+            fp = [(r2, c2) for r2, c2, y2, p2 in px if y2 != 255 and y2 != p2 and p2 == y]
+            phi[i, r, c] = 1 - sim(r, c, fn) if fn else 0.0
+            psi[i, r, c] = 1 + sim(r, c, fp) if fp else 0.0
+    return phi, psi
+
+
+def test_calibration_maps_match_loop_reference():
     g = torch.Generator().manual_seed(1)
     k = 4
     emb = torch.randn(2, 5, 6, 6, generator=g)
@@ -88,17 +113,14 @@ def test_calibration_maps_equal_rch_terms():
     labels[0, :2] = 255
     for calibration in ("mean_of_cosines", "cosine_to_mean"):
         phi, psi = calibration_maps(emb, logits, labels, k, 255, calibration)
-        prep = rch._prepare(emb, logits, labels, k, 255)
-        eh = torch.nn.functional.normalize(prep.emb, dim=1)
-        _, fn, fp = rch._set_indices(prep)
-        want_phi = rch._calibration(prep.emb, eh, fn, prep, "image", calibration, -1.0)
-        want_psi = rch._calibration(prep.emb, eh, fp, prep, "image", calibration, 1.0)
-        valid = prep.dlabels < k
-        assert torch.allclose(phi.reshape(-1)[valid], want_phi[valid].float(), atol=1e-5)
-        assert torch.allclose(psi.reshape(-1)[valid], want_psi[valid].float(), atol=1e-5)
-        assert torch.isnan(phi.reshape(-1)[~valid]).all()
-        v = phi.reshape(-1)[valid]
+        ref_phi, ref_psi = _ref_calibration_maps(emb, logits, labels, k, calibration)
+        torch.testing.assert_close(phi.double(), ref_phi, atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(psi.double(), ref_psi, atol=1e-5, rtol=0, equal_nan=True)
+        assert torch.isnan(phi[0, 0]).all() and (phi[~torch.isnan(phi)] > 0).any()
+        v = phi[~torch.isnan(phi)]
         assert (v >= 0).all() and (v <= 2).all()
+    with pytest.raises(ValueError, match="calibration"):
+        calibration_maps(emb, logits, labels, k, 255, "nope")
 
 
 def test_nearest_centre_distance():

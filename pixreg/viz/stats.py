@@ -14,13 +14,12 @@ number of pixels, :class:`Reservoir` keeps at most ``capacity`` items per stratu
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..losses._common import resize_labels
 
 __all__ = ["FeatureStats", "Reservoir", "calibration_maps", "weighted_histogram", "weighted_quantiles",
            "nearest_centre_distance"]
@@ -178,36 +177,20 @@ def calibration_maps(emb: torch.Tensor, logits: torch.Tensor, labels: torch.Tens
     (``"cosine_to_mean"``, the released code), exactly as :func:`pixreg.losses.rch.rch_loss`
     with ``sets="image"``. Returns two ``(B, h, w)`` float tensors, ``NaN`` at ignored pixels.
     """
+    from ..losses import rch  # the loss's own sets and calibration: the maps are what it computes
+
+    if calibration not in ("mean_of_cosines", "cosine_to_mean"):
+        raise ValueError(f"calibration must be 'mean_of_cosines' or 'cosine_to_mean', got {calibration!r}")
     b, _, h, w = emb.shape
-    k = int(num_classes)
-    lab = resize_labels(labels, (h, w)).reshape(b, -1).long()
-    z = logits.detach().float()
-    if tuple(z.shape[-2:]) != (h, w):
-        z = F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
-    pred = z.argmax(1).reshape(b, -1)
-    e = emb.detach().float().permute(0, 2, 3, 1).reshape(b, h * w, -1)
-    eh = F.normalize(e, dim=2)
-    valid = (lab != ignore_index) & (lab >= 0) & (lab < k)
-    dl = torch.where(valid, lab, torch.full_like(lab, k))
-    wrong = valid & (pred != dl)
-    maps = []
-    for members, sign in ((torch.where(wrong, dl, torch.full_like(dl, k)), -1.0),
-                          (torch.where(wrong, pred, torch.full_like(dl, k)), 1.0)):
-        out = torch.empty(b, h * w)
-        for i in range(b):
-            src = eh[i] if calibration == "mean_of_cosines" else e[i]
-            sums = src.new_zeros(k + 1, src.shape[1]).index_add(0, members[i], src)
-            counts = torch.bincount(members[i], minlength=k + 1).float()
-            s, c = sums[dl[i]], counts[dl[i]]
-            if calibration == "mean_of_cosines":
-                m = (eh[i] * s).sum(1) / c.clamp(min=1)
-            elif calibration == "cosine_to_mean":
-                m = (eh[i] * F.normalize(s, dim=1)).sum(1)
-            else:
-                raise ValueError(f"calibration must be 'mean_of_cosines' or 'cosine_to_mean', got {calibration!r}")
-            val = torch.where(c > 0, 1.0 + sign * m, torch.zeros_like(m))
-            out[i] = torch.where(valid[i], val, torch.full_like(val, float("nan")))
-        maps.append(out.reshape(b, h, w))
+    with torch.no_grad():
+        prep = rch._prepare(emb.detach().float(), logits.detach().float(), labels, num_classes, ignore_index)
+        emb_hat = F.normalize(prep.emb, dim=1, eps=rch._NORM_EPS)
+        _, fn, fp = rch._set_indices(prep)
+        valid = prep.dlabels < num_classes
+        maps = []
+        for members, sign in ((fn, -1.0), (fp, 1.0)):
+            val = rch._calibration(prep.emb, emb_hat, members, prep, "image", calibration, sign)
+            maps.append(torch.where(valid, val, torch.full_like(val, float("nan"))).reshape(b, h, w))
     return maps[0], maps[1]
 
 
