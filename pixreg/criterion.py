@@ -168,23 +168,35 @@ class RegularizedCriterion(nn.Module):
         step = int(self.step)  # one host read per step, for the warm-ups
         if self.training:
             self.step += 1
+        # The regularizers are evaluated before CE on purpose: autograd runs the most recently
+        # created nodes first, so CE's backward (whose log-softmax output and gradients are
+        # logits-sized) completes and frees its buffers before a regularizer's backward
+        # allocates its own logits-sized gradient; the other order holds both at once (a
+        # whole extra (B, K, H, W) tensor at the peak of a step with LALL). The sum below
+        # keeps the order CE, then the regularizers.
+        reg_values: Dict[str, torch.Tensor] = {}
+        reg_terms: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, spec in self.specs.items():
+            loss_mod = self.losses[name]
+            if self.training and step < spec.warmup:
+                continue
+            feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
+            reg_values[name] = spec.weight * loss_mod.compute(
+                labels, features=feats, logits=logits if loss_mod.uses_logits else None)
+            reg_terms[name] = {f"{name}/{tname}": (spec.weight * tval).detach() for tname, tval in loss_mod.terms.items()}
         terms: Dict[str, torch.Tensor] = {}
         total = logits.new_zeros(())
         if self.ce_weight:
             ce = self._cross_entropy(logits, labels)
             total = total + self.ce_weight * ce
             terms["ce"] = ce.detach()
-        for name, spec in self.specs.items():
-            loss_mod = self.losses[name]
-            if self.training and step < spec.warmup:
+        for name in self.specs:
+            if name not in reg_values:  # still warming up
                 terms[name] = total.new_zeros(()).detach()
                 continue
-            feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
-            value = loss_mod.compute(labels, features=feats, logits=logits if loss_mod.uses_logits else None)
-            total = total + spec.weight * value
-            terms[name] = (spec.weight * value).detach()
-            for tname, tval in loss_mod.terms.items():
-                terms[f"{name}/{tname}"] = (spec.weight * tval).detach()
+            total = total + reg_values[name]
+            terms[name] = reg_values[name].detach()
+            terms.update(reg_terms[name])
         return CriterionOutput(total, terms)
 
 

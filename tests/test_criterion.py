@@ -120,3 +120,53 @@ def test_hooks_leave_no_trace_on_the_model():
     assert not any(m._forward_hooks for m in inference.modules())
     assert model.state_dict().keys() == reference.state_dict().keys()
     torch.testing.assert_close(inference(x), reference(x), rtol=0, atol=0)
+
+
+def _peak_live_bytes(fn) -> int:
+    """High-water mark of CPU tensor bytes allocated during ``fn`` (torch.profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_logits_regularizer_adds_no_logits_sized_tensor_to_the_backward_peak():
+    # CE's backward holds ~3 logits-sized tensors at its peak; LALL's backward makes one
+    # more. Evaluated before CE, LALL's backward runs after CE's buffers are freed, so the
+    # peak of CE + LALL stays at CE's (LALL's own scratch is 3 images, 3/8 of the logits).
+    from pixreg.losses.lall import LocallyAdaptiveLoss
+
+    torch.manual_seed(0)
+    b, k, s = 8, 16, 48
+    small = torch.randn(b, k, s // 8, s // 8, requires_grad=True)
+    labels = torch.randint(0, k, (b, s, s))
+    full = b * k * s * s * 4
+
+    def peak(crit):
+        def fn():
+            logits = F.interpolate(small * 1.0, size=(s, s), mode="bilinear", align_corners=False)
+            crit(logits, labels).total.backward()
+        fn()
+        return _peak_live_bytes(fn)
+
+    ce_peak = peak(RegularizedCriterion({}))
+    lall_peak = peak(RegularizedCriterion({"lall": LocallyAdaptiveLoss()}))
+    assert lall_peak <= ce_peak + 0.5 * full, (ce_peak / full, lall_peak / full)
+
+
+def test_all_finite_is_exact_also_when_the_sum_overflows():
+    from pixreg.losses._common import _all_finite
+
+    x = torch.full((4, 3), 3e38)  # finite, but the float32 sum overflows to inf
+    assert _all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = torch.zeros(5)
+        y[2] = bad
+        assert not _all_finite(y)
+    assert _all_finite(torch.zeros(0))

@@ -290,6 +290,33 @@ def test_gradient_matches_reference():
     torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("stride,normalize", [(1, "zscore"), (2, "zscore"), (1, None)])
+def test_channel_chunked_pooling_matches_reference(monkeypatch, stride, normalize):
+    # On CPU the pooling runs over chunks of channels sized to stay in cache; test images
+    # are small enough to fit in one chunk, so force one channel per chunk here.
+    import pixreg.losses.lall as lall_mod
+
+    monkeypatch.setattr(lall_mod, "_CHUNK_BYTES", 1)
+    logits, labels = make_inputs(seed=12)
+    assert logits.shape[0] > 1 and logits.shape[1] > 1  # several images and chunks share the buffers
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    kw = dict(window=5, stride=stride, normalize=normalize)
+    got = locally_adaptive_loss(a, labels, **kw).loss
+    want = ref_loss(b, labels, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (ga,) = torch.autograd.grad(got, a)
+    (gb,) = torch.autograd.grad(want, b)
+    torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+
+
+def test_gradcheck_without_zscore():
+    logits, labels = make_inputs(b=2, k=3, h=4, w=5, n_label=2, seed=13)
+    logits.requires_grad_(True)
+    fn = lambda z: locally_adaptive_loss(z, labels, window=3, normalize=None).loss  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-6)
+
+
 def test_ignored_pixels_have_no_influence():
     # nothing is detached, but ignored pixels neither pool nor count: their logits get
     # exactly zero gradient and changing them leaves the loss unchanged.

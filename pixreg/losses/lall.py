@@ -22,10 +22,15 @@ pixels of the whole (global) batch; ``k`` the Minkowski power (3 in the paper).
 
 The pooled vectors are built from shifted views of the normalised logits (one in-place
 multiply-add per window offset), never from an unfolded ``(B, K*s*s, H*W)`` tensor, one
-image at a time (``O(K*H*W)`` scratch). The backward pass is written by hand
+image at a time in three reused ``(K, H, W)`` buffers; on CPU the offsets loop over
+chunks of channels small enough to stay in cache. The backward pass is written by hand
 (:class:`_PooledNumerator`): nothing but the inputs is kept for it (each image's pool is
 recomputed), and no autograd graph is recorded over the ``s*s`` offsets. No host
 synchronisation; runs under ``torch.compile`` without graph breaks.
+
+Cost: forward + backward is about ``3 * s*s`` multiply-adds per logit plus a z-score and
+a softmax cross-entropy, so LALL costs a few cross-entropies' worth of time; see
+``benchmarks/results/losses_cpu.md`` for measured numbers.
 """
 from __future__ import annotations
 
@@ -106,58 +111,126 @@ def _window_offsets(
     return out
 
 
+def _same_label(labels: torch.Tensor, centre_labels: torch.Tensor, valid: torch.Tensor, offset) -> torch.Tensor:
+    """``[y_q == y_p, p valid]`` for the centres ``p`` and neighbours ``q`` paired by ``offset``
+    (a valid centre's label is never ``ignore_index``, so ``q`` is valid too). Boolean, the
+    shape of the offset's centre slice, for one image or a batch (leading axes are kept)."""
+    cr, cc, nr, nc = offset[:4]
+    return (labels[..., nr, nc] == centre_labels[..., cr, cc]) & valid[..., cr, cc]
+
+
 def _pool_setup(labels: torch.Tensor, ignore_index: int, offsets, stride: int, dtype: torch.dtype):
-    """Per-offset pooling coefficients ``w * [y_q == y_p, p valid]`` (each ``(B, hc', wc')``), xi,
-    the centre mask and the (clamped) centre targets. Small: no ``K`` axis."""
+    """xi, the centre mask and the (clamped) centre targets, each ``(B, Hc, Wc)``. Small: no
+    ``K`` axis; the per-offset coefficients are built one image at a time
+    (:func:`_image_coefs`), so that ``s*s`` label-sized maps never exist for the whole batch."""
     centre_labels = labels[:, ::stride, ::stride]
     valid = centre_labels != ignore_index
     xi_den = torch.zeros(centre_labels.shape, dtype=dtype, device=labels.device)
-    coefs = []
-    for cr, cc, nr, nc, w, xw in offsets:
-        # same label as a valid centre (implies the neighbour is valid too)
-        same = ((labels[:, nr, nc] == centre_labels[:, cr, cc]) & valid[:, cr, cc]).to(dtype)
-        coefs.append(same * w if w != 1.0 else same)
-        xi_den[:, cr, cc] += same * xw if xw != 1.0 else same
+    for offset in offsets:
+        xw = offset[5]
+        same = _same_label(labels, centre_labels, valid, offset).to(dtype)
+        xi_den[:, offset[0], offset[1]] += same * xw if xw != 1.0 else same
     xi_den = torch.where(xi_den > 0, xi_den, torch.ones_like(xi_den))
     target = torch.where(valid, centre_labels, torch.zeros_like(centre_labels))
-    return coefs, xi_den, valid, target
+    return xi_den, valid, target
 
 
-def _masked_zscore(zb: torch.Tensor, ignored: torch.Tensor, normalize: bool, eps: float):
-    """z-score over the class axis 0 of one image ``(K, H, W)``, ignored pixels set to 0 (they
-    never pool; zeroing them keeps non-finite logits there out of the products):
-    ``(zhat, std, var)`` (a new tensor; ``std``/``var`` ``(1, H, W)``, None without z-score)."""
+def _image_coefs(labels_b: torch.Tensor, stride: int, valid_b: torch.Tensor, offsets, dtype: torch.dtype):
+    """Pooling coefficients ``w * [y_q == y_p, p valid]`` of one image, one ``(1, hc', wc')``
+    map per offset (broadcast over the class axis)."""
+    centre_b = labels_b[::stride, ::stride]
+    out = []
+    for offset in offsets:
+        same = _same_label(labels_b, centre_b, valid_b, offset).to(dtype)
+        out.append((same * offset[4] if offset[4] != 1.0 else same).unsqueeze(0))
+    return out
+
+
+def _zscore_into(out: torch.Tensor, scratch: torch.Tensor, zb: torch.Tensor, ignored: torch.Tensor,
+                 normalize: bool, eps: float):
+    """z-score over the class axis 0 of one image ``(K, H, W)`` written into ``out``
+    (``scratch``, the same shape, is clobbered), ignored pixels set to 0 (they never pool).
+    Returns ``(std, var)`` (``(1, H, W)``, ``std`` infinite at ignored pixels; None without
+    z-score)."""
     if not normalize:
-        return zb.masked_fill(ignored, 0.0), None, None
-    centred = zb - zb.mean(dim=0, keepdim=True)
-    var = centred.pow(2).mean(dim=0, keepdim=True)
-    std = var.clamp_min(eps * eps).sqrt()
-    return centred.div_(std).masked_fill_(ignored, 0.0), std, var
+        return torch.where(ignored, zb.new_zeros(()), zb, out=out), None, None
+    torch.sub(zb, zb.mean(dim=0, keepdim=True), out=out)
+    var = torch.mul(out, out, out=scratch).mean(dim=0, keepdim=True)  # population variance
+    # dividing by an infinite std zeroes the ignored pixels in the same pass (logits are finite)
+    std = torch.where(ignored, torch.full_like(var, math.inf), var.clamp_min(eps * eps).sqrt())
+    return out.div_(std), std, var
 
 
-def _pool_image(zhat: torch.Tensor, b: int, coefs, offsets, xi_den: torch.Tensor) -> torch.Tensor:
-    """Pooled vectors ``(K, Hc, Wc)`` of image ``b`` by accumulating shifted views."""
-    hc, wc = xi_den.shape[-2:]
-    acc = zhat.new_zeros(zhat.shape[0], hc, wc)
-    for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
-        acc[:, cr, cc].addcmul_(zhat[:, nr, nc], coef[b].unsqueeze(0))
-    return acc.div_(xi_den[b].unsqueeze(0))
+#: Bytes of one channel chunk of the pooling loops: small enough for the chunk of the
+#: source and of the accumulator to stay in the CPU's cache across the ``s*s`` offsets
+#: (measured 2.1x faster than whole-image passes at K=171, 256x256, one thread).
+_CHUNK_BYTES = 4 << 20
+
+
+def _channel_chunks(x: torch.Tensor) -> tuple[range, int]:
+    per_channel = x[0].numel() * x.element_size()
+    step = x.shape[0] if x.is_cuda else max(1, _CHUNK_BYTES // max(per_channel, 1))
+    return range(0, x.shape[0], step), step
+
+
+def _pool_into(acc: torch.Tensor, x: torch.Tensor, coefs, offsets, transpose: bool = False) -> torch.Tensor:
+    """``acc (K, Hc, Wc) = sum_offsets coef * shifted x``: the (unnormalised) pooled vectors
+    of one image (``coefs`` from :func:`_image_coefs`), accumulated in place from shifted
+    views of ``x (K, H, W)``, a chunk of channels at a time. ``transpose=True`` applies the adjoint (``acc (K, H, W)``,
+    ``x (K, Hc, Wc)``): the backward pass of the pooling."""
+    acc.zero_()
+    starts, step = _channel_chunks(acc)
+    for k0 in starts:
+        a, xs = acc[k0:k0 + step], x[k0:k0 + step]
+        for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
+            if transpose:
+                a[:, nr, nc].addcmul_(xs[:, cr, cc], coef)
+            else:
+                a[:, cr, cc].addcmul_(xs[:, nr, nc], coef)
+    return acc
+
+
+def _lse_into(scratch: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logsumexp`` of ``acc`` over axis 0 and the sum it is the log of, ``sum_k exp(acc -
+    max)`` (both ``(Hc, Wc)``); leaves ``exp(acc - max)`` in ``scratch`` (the shape of
+    ``acc``), so that the softmax is ``scratch / sum``. Faster on CPU than
+    ``torch.logsumexp`` over a non-innermost axis, and allocates no full-size temporary."""
+    peak = acc.amax(dim=0)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    torch.sub(acc, peak.unsqueeze(0), out=scratch).exp_()
+    total = scratch.sum(dim=0)
+    return total.log().add_(peak), total
 
 
 def _lall_pass(z, labels, hparams, grad_numerator=None):
     """``sum_p L_p^power`` over the valid centres of ``z`` and, given the upstream gradient
-    ``grad_numerator`` (a scalar), the gradient with respect to ``z``. One image at a time."""
+    ``grad_numerator`` (a scalar), the gradient with respect to ``z``.
+
+    One image at a time, in three preallocated ``(K, H, W)`` scratch buffers reused across
+    the images with in-place operations: fresh multi-megabyte tensors per operation would
+    each be mapped and page-faulted by the allocator, which cost more than the arithmetic.
+    """
     ignore_index, window, exponential, xi_weight_sum, normalize, eps, stride, power = hparams
     height, width = labels.shape[-2:]
     offsets = _window_offsets(height, width, window, stride, exponential, xi_weight_sum)
-    coefs, xi_den, valid, target = _pool_setup(labels, ignore_index, offsets, stride, z.dtype)
+    if -(1 << 15) <= ignore_index < (1 << 15) and z.shape[1] <= (1 << 15):
+        labels = labels.to(torch.int16)  # same values; 4x less label traffic in the s*s comparisons
+    xi_den, valid, target = _pool_setup(labels, ignore_index, offsets, stride, z.dtype)
+    target = target.long()
     ignored = (labels == ignore_index).unsqueeze(1)
-    grad = None if grad_numerator is None else torch.empty_like(z)
+    k = z.shape[1]
+    hc, wc = xi_den.shape[-2:]
+    zhat = z.new_empty(k, height, width)
+    acc = z.new_empty(k, hc, wc)
+    scratch = z.new_empty(k, height, width)  # exp(acc - max), then the gradient of zhat
+    grad = None if grad_numerator is None else torch.empty_like(z, memory_format=torch.contiguous_format)
     numerator = z.new_zeros(())
     for b in range(z.shape[0]):
-        zhat, std, var = _masked_zscore(z[b], ignored[b], normalize, eps)
-        acc = _pool_image(zhat, b, coefs, offsets, xi_den)
-        lse = torch.logsumexp(acc, dim=0)
+        _, std, var = _zscore_into(zhat, scratch, z[b], ignored[b], normalize, eps)
+        coefs = _image_coefs(labels[b], stride, valid[b], offsets, z.dtype)
+        _pool_into(acc, zhat, coefs, offsets).div_(xi_den[b].unsqueeze(0))
+        exp_shift = scratch[:, :hc, :wc] if stride == 1 else scratch.new_empty(acc.shape)
+        lse, exp_sum = _lse_into(exp_shift, acc)
         tgt = target[b].unsqueeze(0)
         ce = torch.where(valid[b], lse - acc.gather(0, tgt)[0], torch.zeros_like(lse))
         if grad is None:
@@ -166,18 +239,18 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
         # d numerator / d(acc before the division by xi) = power L^(power-1) (softmax - onehot) / xi
         dce = power * ce.pow(power - 1) if power != 1 else torch.ones_like(ce)
         scale = torch.where(valid[b], dce, torch.zeros_like(dce)) * grad_numerator / xi_den[b]
-        g_acc = acc.sub_(lse.unsqueeze(0)).exp_()  # softmax, in place
+        g_acc = torch.div(exp_shift, exp_sum.unsqueeze(0), out=acc)  # softmax
         g_acc.scatter_add_(0, tgt, torch.full_like(g_acc[:1], -1.0)).mul_(scale.unsqueeze(0))
-        g_zhat = torch.zeros_like(zhat)
-        for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
-            g_zhat[:, nr, nc].addcmul_(g_acc[:, cr, cc], coef[b].unsqueeze(0))
+        g_zhat = _pool_into(scratch, g_acc, coefs, offsets, transpose=True)
         if normalize:
             # zhat = c / std, c = z - mean(z), std = sqrt(max(var, eps^2)), var = mean(c^2)
-            through_std = (var >= eps * eps).to(z.dtype) * (g_zhat * zhat).mean(dim=0, keepdim=True)
-            g_c = g_zhat.sub_(zhat * through_std).div_(std)
-            grad[b] = g_c - g_c.mean(dim=0, keepdim=True)
+            # acc (the softmax gradient) is consumed: reuse it for the product when it fits
+            prod = torch.mul(g_zhat, zhat, out=acc) if stride == 1 else g_zhat * zhat
+            through_std = (var >= eps * eps).to(z.dtype) * prod.mean(dim=0, keepdim=True)
+            g_c = g_zhat.sub_(zhat.mul_(through_std)).div_(std)
+            torch.sub(g_c, g_c.mean(dim=0, keepdim=True), out=grad[b])
         else:
-            grad[b] = g_zhat  # 0 at ignored pixels (they never pool)
+            grad[b].copy_(g_zhat)  # 0 at ignored pixels (they never pool)
     return numerator, grad
 
 

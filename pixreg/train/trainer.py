@@ -4,6 +4,8 @@ A *run* trains one method with one seed and writes everything into its folder::
 
     RUN/config.yaml            the resolved configuration
     RUN/log.csv                one row per step: step, epoch, lr, loss, ce, each term, time
+    RUN/val.csv                one row per validation pass (the learning curve): step,
+                               mIoU, mAcc, aAcc in % (every train.eval_every steps and at the end)
     RUN/tb/                    TensorBoard events (train/*, lr, val/*, test/*)
     RUN/checkpoints/last.pt    every train.ckpt_every steps and at the end (atomic)
     RUN/checkpoints/best.pt    the best validation mIoU so far (validation every
@@ -373,7 +375,7 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
             ckpt = load_checkpoint(last_path, map_location="cpu")
         elif overwrite:
             if ctx.is_main:
-                for name in ("checkpoints", "tb", "log.csv", "metrics.json", "config.yaml"):
+                for name in ("checkpoints", "tb", "log.csv", "val.csv", "metrics.json", "config.yaml"):
                     p = os.path.join(run_dir, name)
                     if os.path.isdir(p):
                         shutil.rmtree(p)
@@ -448,9 +450,10 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
 
     # logging -----------------------------------------------------------------------------
     writer = None
-    csv_log = None
+    csv_log = val_log = None
     if ctx.is_main:
         csv_log = CSVLog(os.path.join(run_dir, "log.csv"), start_step if ckpt is not None else None)
+        val_log = CSVLog(os.path.join(run_dir, "val.csv"), start_step if ckpt is not None else None)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -480,6 +483,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
             for k in ("mIoU", "mAcc", "aAcc", "bg_to_coi", "distractor_to_coi"):
                 if k in m and m[k] == m[k]:
                     writer.add_scalar(f"val/{k}", m[k], step)
+        if val_log is not None:
+            val_log.write([{"step": step, **{k: _fmt(float(m[k])) for k in ("mIoU", "mAcc", "aAcc") if k in m}}])
         if best["mIoU"] is None or m["mIoU"] > best["mIoU"]:
             best.update(step=step, mIoU=m["mIoU"])
             save_checkpoint(step, best_path, {"val_metrics": m})
