@@ -165,9 +165,15 @@ def loss_inputs(k: int, size: int, batch: int, device: torch.device, seed: int):
     return g, feats, logits, make_labels(batch, size, k, device)
 
 
+#: Loss-alone extra: LALL with a 1x1 window, i.e. its z-score and softmax CE without the
+#: neighbourhood pooling: the floor under LALL's cost that no pooling scheme can go below.
+LALL_FLOOR = "lall_w1"
+
+
 def loss_alone(k: int, size: int, args, device: torch.device) -> dict:
     _, feats, logits, labels = loss_inputs(k, size, args.batch, device, seed=1)
     crits = {m: make_criterion(m, k, device) for m in METHODS}
+    crits[LALL_FLOOR] = pixreg.RegularizedCriterion({"lall": pixreg.LocallyAdaptiveLoss(window=1)}).to(device)
 
     def run(m: str) -> Callable[[], None]:
         crit = crits[m]
@@ -176,13 +182,13 @@ def loss_alone(k: int, size: int, args, device: torch.device) -> dict:
             if m == "ce":
                 value = crit._cross_entropy(logits, labels)
             else:
-                value = crit.losses[m].compute(labels, features=feats, logits=logits)
+                value = next(iter(crit.losses.values())).compute(labels, features=feats, logits=logits)
             # gradients returned (and dropped), not accumulated in .grad: every call starts equal
             torch.autograd.grad(value, (feats, logits), allow_unused=True)
 
         return fn
 
-    return measure({m: run(m) for m in METHODS}, args.repeats, args, device)
+    return measure({m: run(m) for m in crits}, args.repeats, args, device)
 
 
 # ----------------------------------------------------------------- (b) training step
@@ -246,8 +252,9 @@ def naive_vs_library(k: int, size: int, args, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------- torch.compile
-def compile_check(device: torch.device) -> dict:
-    """Trace each loss with TorchDynamo (``fullgraph=True``, value checks off) and report graph breaks."""
+def compile_check(device: torch.device, backend: str = "aot_eager") -> dict:
+    """Trace each loss with TorchDynamo (``fullgraph=True``, value checks off), compile it with
+    ``backend`` and report graph breaks and agreement with eager."""
     import torch._dynamo as dynamo
 
     k, b = 5, 2
@@ -276,7 +283,7 @@ def compile_check(device: torch.device) -> dict:
                 entry["explain_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             dynamo.reset()
             try:
-                compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+                compiled = torch.compile(fn, fullgraph=True, backend=backend)
                 out = compiled(feats, logits, labels)
                 out.backward()
                 ref = fn(feats, logits, labels)
@@ -319,11 +326,16 @@ def mib(n: float) -> str:
 
 def loss_tables(res: dict) -> List[str]:
     lines = ["## Loss alone (forward + backward)", "",
-              "| K x size | " + " | ".join(f"{m} ms" for m in METHODS) + " | "
+             f"`{LALL_FLOOR}`: LALL with a 1x1 window (its z-score and softmax CE, no neighbours): the floor "
+             "under LALL's cost; `lall/floor` = LALL (window 5) time over that floor.", "",
+              "| K x size | " + " | ".join(f"{m} ms" for m in METHODS) + f" | {LALL_FLOOR} ms | lall/floor | "
               + " | ".join(f"{m} MiB" for m in METHODS) + " |",
-              "|---|" + "---|" * (2 * len(METHODS))]
+              "|---|" + "---|" * (2 * len(METHODS) + 2)]
     for key, row in res["loss"].items():
-        lines.append(f"| {key} | " + " | ".join(f"{row[m]['median_s'] * 1e3:.0f}" for m in METHODS) + " | "
+        floor = row.get(LALL_FLOOR)
+        fl = (f"{floor['median_s'] * 1e3:.0f} | {row['lall']['median_s'] / floor['median_s']:.2f}x"
+              if floor else " | ")
+        lines.append(f"| {key} | " + " | ".join(f"{row[m]['median_s'] * 1e3:.0f}" for m in METHODS) + f" | {fl} | "
                      + " | ".join(mib(row[m].get("peak_bytes", 0)) for m in METHODS) + " |")
     lines.append("")
     for what, key in (("time", "median_s"), ("peak memory", "peak_bytes")):
@@ -384,7 +396,8 @@ def markdown(res: dict) -> str:
                     f"{mib(r.get('naive_peak_bytes', 0))} | {r['library_value']:.6g} / {r['naive_value']:.6g} |")
         lines.append("")
     if res.get("compile"):
-        lines += ["## torch.compile (TorchDynamo, fullgraph=True, value checks off)", "",
+        lines += [f"## torch.compile (TorchDynamo, fullgraph=True, value checks off, backend "
+                  f"{res.get('compile_backend', 'aot_eager')})", "",
                   "| loss | graphs | graph breaks | fullgraph | matches eager | notes |", "|---|---|---|---|---|---|"]
         for name, e in res["compile"].items():
             notes = "; ".join(e.get("break_reasons", [])) or e.get("fullgraph_error", "") or e.get("explain_error", "")
@@ -431,6 +444,8 @@ def main(argv=None) -> dict:
     p.add_argument("--naive-repeats", type=int, default=3)
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--compile-check", action="store_true", help="only the torch.compile report")
+    p.add_argument("--compile-backend", default="aot_eager",
+                   help="torch.compile backend of --compile-check (aot_eager needs no compiler; inductor does)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "losses_{device}"),
                    help="results path without extension (.md and .json are written)")
     args = p.parse_args(argv)
@@ -461,7 +476,8 @@ def run(args, device: torch.device, argv) -> dict:
     }
     path = args.out.format(device=device.type)
     if args.compile_check:
-        res["compile"] = compile_check(device)
+        res["compile"] = compile_check(device, args.compile_backend)
+        res["compile_backend"] = args.compile_backend
         path += "_compile"
     else:
         pixreg.set_validation(False)  # host-synchronising value checks off, as in tuned training

@@ -82,3 +82,5 @@ def test_benchmark_runs_on_a_tiny_configuration(tmp_path):
     for name, r in res["naive"]["4x16"].items():
         assert math.isclose(r["library_value"], r["naive_value"], rel_tol=1e-4), name
     assert math.isfinite(res["exponents"]["peak_bytes"]["pixels"]["lall"][4])
+    assert all(row[bench_losses.LALL_FLOOR]["median_s"] > 0 for row in res["loss"].values())
+    assert "lall/floor" in md

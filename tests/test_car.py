@@ -551,8 +551,10 @@ def test_distributed_global_batch(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     world = 2
-    # fork (no re-import of torch in the children: seconds faster than spawn on a busy CPU)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # fork (no re-import of torch in the children: seconds faster than spawn on a busy CPU),
+    # unless CUDA is initialised: its autograd threads do not survive a fork
+    fork_ok = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    method = "fork" if fork_ok else "spawn"
     mp.start_processes(_ddp_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True,
                        start_method=method)
     x, y = make_data(19, b=4)
