@@ -310,6 +310,25 @@ def test_channel_chunked_pooling_matches_reference(monkeypatch, stride, normaliz
     torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("group", [2, 3])
+def test_grouped_images_match_reference(monkeypatch, group):
+    # On CUDA several images are pooled together (fewer kernel launches); on CPU one at a
+    # time. Force groups here, including a last group that is not full.
+    import pixreg.losses.lall as lall_mod
+
+    monkeypatch.setattr(lall_mod, "_group_size", lambda z: group)
+    logits, labels = make_inputs(b=5, seed=14)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    for kw in (dict(window=5), dict(window=3, stride=2, xi="weight_sum"), dict(window=5, normalize=None)):
+        got = locally_adaptive_loss(a, labels, **kw).loss
+        want = ref_loss(b, labels, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        (ga,) = torch.autograd.grad(got, a)
+        (gb,) = torch.autograd.grad(want, b)
+        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+
+
 def test_gradcheck_without_zscore():
     logits, labels = make_inputs(b=2, k=3, h=4, w=5, n_label=2, seed=13)
     logits.requires_grad_(True)

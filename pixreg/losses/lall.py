@@ -94,8 +94,8 @@ def _offset_slices(size: int, d: int, stride: int) -> Optional[tuple[slice, slic
 
 def _window_offsets(
     height: int, width: int, window: int, stride: int, exponential: bool, xi_weight_sum: bool
-) -> list[tuple[slice, slice, slice, slice, float, float]]:
-    """The in-image window offsets: ``(centre_rows, centre_cols, nb_rows, nb_cols, w, xi_w)``."""
+) -> list[tuple[slice, slice, slice, slice, float, float, int, int]]:
+    """The in-image window offsets: ``(centre_rows, centre_cols, nb_rows, nb_cols, w, xi_w, di, dj)``."""
     radius = window // 2
     out = []
     for di in range(-radius, radius + 1):
@@ -107,55 +107,66 @@ def _window_offsets(
             if cols is None:
                 continue
             w = 2.0 ** (1 - max(abs(di), abs(dj))) if exponential else 1.0
-            out.append((rows[0], cols[0], rows[1], cols[1], w, w if xi_weight_sum else 1.0))
-    return out
+            out.append((rows[0], cols[0], rows[1], cols[1], w, w if xi_weight_sum else 1.0, di, dj))
+    # by decreasing weight, so that equal weights are contiguous (see _group_setup)
+    return sorted(out, key=lambda o: -o[4])
 
 
-def _same_label(labels: torch.Tensor, centre_labels: torch.Tensor, valid: torch.Tensor, offset) -> torch.Tensor:
-    """``[y_q == y_p, p valid]`` for the centres ``p`` and neighbours ``q`` paired by ``offset``
-    (a valid centre's label is never ``ignore_index``, so ``q`` is valid too). Boolean, the
-    shape of the offset's centre slice, for one image or a batch (leading axes are kept)."""
-    cr, cc, nr, nc = offset[:4]
-    return (labels[..., nr, nc] == centre_labels[..., cr, cc]) & valid[..., cr, cc]
+def _group_setup(labels: torch.Tensor, ignore_index: int, offsets, radius: int, stride: int, xi_weight_sum: bool,
+                 dtype: torch.dtype):
+    """Pooling set-up of a group of images ``labels (g, H, W)``, all offsets at once (a few
+    kernels, whatever the window):
+
+    * ``coefs (n_offsets, g, 1, Hc, Wc)``: ``w * [y_q == y_p, p valid]`` for centre ``p`` and
+      neighbour ``q = p + offset`` (0 where ``q`` is outside the image: the labels are padded
+      with ``ignore_index``, which a valid centre never carries);
+    * ``xi (g, Hc, Wc)``: count (or weight sum) of the pooled pixels, at least 1;
+    * ``valid``, ``target (g, Hc, Wc)``: centre mask and centre labels (0 where ignored).
+    """
+    centre = labels[..., ::stride, ::stride]
+    hc, wc = centre.shape[-2:]
+    valid = centre != ignore_index
+    padded = F.pad(labels, (radius,) * 4, value=ignore_index)
+    span_h, span_w = (hc - 1) * stride + 1, (wc - 1) * stride + 1
+    neighbours = torch.stack([
+        padded[..., radius + o[6]:radius + o[6] + span_h:stride, radius + o[7]:radius + o[7] + span_w:stride]
+        for o in offsets])  # (n_offsets, g, Hc, Wc)
+    same = (neighbours == centre) & valid
+    del neighbours
+    coefs = same.to(dtype)
+    start = 0
+    for end in range(1, len(offsets) + 1):  # one multiply per run of equal weights (scalars: no host copy)
+        if end == len(offsets) or offsets[end][4] != offsets[start][4]:
+            if offsets[start][4] != 1.0:
+                coefs[start:end].mul_(offsets[start][4])
+            start = end
+    xi = coefs.sum(0) if xi_weight_sum else same.sum(0).to(dtype)  # xi weights equal the pooling weights
+    xi = torch.where(xi > 0, xi, torch.ones_like(xi))
+    target = torch.where(valid, centre, torch.zeros_like(centre)).long()
+    return coefs.unsqueeze(2), xi, valid, target
 
 
-def _pool_setup(labels: torch.Tensor, ignore_index: int, offsets, stride: int, dtype: torch.dtype):
-    """xi, the centre mask and the (clamped) centre targets, each ``(B, Hc, Wc)``. Small: no
-    ``K`` axis; the per-offset coefficients are built one image at a time
-    (:func:`_image_coefs`), so that ``s*s`` label-sized maps never exist for the whole batch."""
-    centre_labels = labels[:, ::stride, ::stride]
-    valid = centre_labels != ignore_index
-    xi_den = torch.zeros(centre_labels.shape, dtype=dtype, device=labels.device)
-    for offset in offsets:
-        xw = offset[5]
-        same = _same_label(labels, centre_labels, valid, offset).to(dtype)
-        xi_den[:, offset[0], offset[1]] += same * xw if xw != 1.0 else same
-    xi_den = torch.where(xi_den > 0, xi_den, torch.ones_like(xi_den))
-    target = torch.where(valid, centre_labels, torch.zeros_like(centre_labels))
-    return xi_den, valid, target
+def _group_size(z: torch.Tensor) -> int:
+    """Images pooled together. CPU: one (its buffers stay cache-sized and nothing is gained
+    by batching). CUDA: as many as keep the working memory (3 ``(K, H, W)`` buffers and 25
+    coefficient maps per image) within about one logits tensor, since kernel launches, not
+    arithmetic, bound a per-image loop there."""
+    b, k = z.shape[:2]
+    if not z.is_cuda:
+        return 1
+    return max(1, min(b, int(b // (3 + 25 / k))))
 
 
-def _image_coefs(labels_b: torch.Tensor, stride: int, valid_b: torch.Tensor, offsets, dtype: torch.dtype):
-    """Pooling coefficients ``w * [y_q == y_p, p valid]`` of one image, one ``(1, hc', wc')``
-    map per offset (broadcast over the class axis)."""
-    centre_b = labels_b[::stride, ::stride]
-    out = []
-    for offset in offsets:
-        same = _same_label(labels_b, centre_b, valid_b, offset).to(dtype)
-        out.append((same * offset[4] if offset[4] != 1.0 else same).unsqueeze(0))
-    return out
-
-
-def _zscore_into(out: torch.Tensor, scratch: torch.Tensor, zb: torch.Tensor, ignored: torch.Tensor,
+def _zscore_into(out: torch.Tensor, scratch: torch.Tensor, zg: torch.Tensor, ignored: torch.Tensor,
                  normalize: bool, eps: float):
-    """z-score over the class axis 0 of one image ``(K, H, W)`` written into ``out``
-    (``scratch``, the same shape, is clobbered), ignored pixels set to 0 (they never pool).
-    Returns ``(std, var)`` (``(1, H, W)``, ``std`` infinite at ignored pixels; None without
-    z-score)."""
+    """z-score over the class axis (-3) of a group of images ``(g, K, H, W)`` written into
+    ``out`` (``scratch``, the same shape, is clobbered), ignored pixels set to 0 (they never
+    pool). Returns ``(std, var)`` (``(g, 1, H, W)``, ``std`` infinite at ignored pixels; None
+    without z-score)."""
     if not normalize:
-        return torch.where(ignored, zb.new_zeros(()), zb, out=out), None, None
-    torch.sub(zb, zb.mean(dim=0, keepdim=True), out=out)
-    var = torch.mul(out, out, out=scratch).mean(dim=0, keepdim=True)  # population variance
+        return torch.where(ignored, zg.new_zeros(()), zg, out=out), None, None
+    torch.sub(zg, zg.mean(dim=-3, keepdim=True), out=out)
+    var = torch.mul(out, out, out=scratch).mean(dim=-3, keepdim=True)  # population variance
     # dividing by an infinite std zeroes the ignored pixels in the same pass (logits are finite)
     std = torch.where(ignored, torch.full_like(var, math.inf), var.clamp_min(eps * eps).sqrt())
     return out.div_(std), std, var
@@ -168,37 +179,43 @@ _CHUNK_BYTES = 4 << 20
 
 
 def _channel_chunks(x: torch.Tensor) -> tuple[range, int]:
-    per_channel = x[0].numel() * x.element_size()
-    step = x.shape[0] if x.is_cuda else max(1, _CHUNK_BYTES // max(per_channel, 1))
-    return range(0, x.shape[0], step), step
+    """Channel ranges of the pooling loops of ``x (g, K, H, W)``: cache-sized on CPU, all of
+    ``K`` on CUDA (fewer kernel launches)."""
+    k = x.shape[-3]
+    per_channel = x.shape[0] * x.shape[-2] * x.shape[-1] * x.element_size()
+    step = k if x.is_cuda else max(1, _CHUNK_BYTES // max(per_channel, 1))
+    return range(0, k, step), step
 
 
-def _pool_into(acc: torch.Tensor, x: torch.Tensor, coefs, offsets, transpose: bool = False) -> torch.Tensor:
-    """``acc (K, Hc, Wc) = sum_offsets coef * shifted x``: the (unnormalised) pooled vectors
-    of one image (``coefs`` from :func:`_image_coefs`), accumulated in place from shifted
-    views of ``x (K, H, W)``, a chunk of channels at a time. ``transpose=True`` applies the adjoint (``acc (K, H, W)``,
-    ``x (K, Hc, Wc)``): the backward pass of the pooling."""
+def _pool_into(acc: torch.Tensor, x: torch.Tensor, coefs: torch.Tensor, offsets, transpose: bool = False
+               ) -> torch.Tensor:
+    """``acc (g, K, Hc, Wc) = sum_offsets coef * shifted x``: the (unnormalised) pooled
+    vectors of a group of images (``coefs`` from :func:`_group_setup`), accumulated in place
+    from shifted views of ``x (g, K, H, W)``, a chunk of channels at a time.
+    ``transpose=True`` applies the adjoint (``acc (g, K, H, W)``, ``x (g, K, Hc, Wc)``): the
+    backward pass of the pooling."""
     acc.zero_()
     starts, step = _channel_chunks(acc)
     for k0 in starts:
-        a, xs = acc[k0:k0 + step], x[k0:k0 + step]
-        for coef, (cr, cc, nr, nc, _, _) in zip(coefs, offsets):
+        a, xs = acc[:, k0:k0 + step], x[:, k0:k0 + step]
+        for coef, (cr, cc, nr, nc) in zip(coefs, (o[:4] for o in offsets)):
             if transpose:
-                a[:, nr, nc].addcmul_(xs[:, cr, cc], coef)
+                a[..., nr, nc].addcmul_(xs[..., cr, cc], coef[..., cr, cc])
             else:
-                a[:, cr, cc].addcmul_(xs[:, nr, nc], coef)
+                a[..., cr, cc].addcmul_(xs[..., nr, nc], coef[..., cr, cc])
     return acc
 
 
 def _lse_into(scratch: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logsumexp`` of ``acc`` over axis 0 and the sum it is the log of, ``sum_k exp(acc -
-    max)`` (both ``(Hc, Wc)``); leaves ``exp(acc - max)`` in ``scratch`` (the shape of
-    ``acc``), so that the softmax is ``scratch / sum``. Faster on CPU than
-    ``torch.logsumexp`` over a non-innermost axis, and allocates no full-size temporary."""
-    peak = acc.amax(dim=0)
+    """``logsumexp`` of ``acc (g, K, Hc, Wc)`` over the class axis and the sum it is the log
+    of, ``sum_k exp(acc - max)`` (both ``(g, Hc, Wc)``); leaves ``exp(acc - max)`` in
+    ``scratch`` (the shape of ``acc``), so that the softmax is ``scratch / sum``. Faster on
+    CPU than ``torch.logsumexp`` over a non-innermost axis, and allocates no full-size
+    temporary."""
+    peak = acc.amax(dim=-3)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    torch.sub(acc, peak.unsqueeze(0), out=scratch).exp_()
-    total = scratch.sum(dim=0)
+    torch.sub(acc, peak.unsqueeze(-3), out=scratch).exp_()
+    total = scratch.sum(dim=-3)
     return total.log().add_(peak), total
 
 
@@ -206,51 +223,54 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
     """``sum_p L_p^power`` over the valid centres of ``z`` and, given the upstream gradient
     ``grad_numerator`` (a scalar), the gradient with respect to ``z``.
 
-    One image at a time, in three preallocated ``(K, H, W)`` scratch buffers reused across
-    the images with in-place operations: fresh multi-megabyte tensors per operation would
-    each be mapped and page-faulted by the allocator, which cost more than the arithmetic.
+    A group of images at a time (:func:`_group_size`), in three preallocated scratch
+    buffers reused across the groups with in-place operations: fresh multi-megabyte tensors
+    per operation would each be mapped and page-faulted by the allocator, which on CPU cost
+    more than the arithmetic.
     """
     ignore_index, window, exponential, xi_weight_sum, normalize, eps, stride, power = hparams
+    batch, k = z.shape[:2]
     height, width = labels.shape[-2:]
     offsets = _window_offsets(height, width, window, stride, exponential, xi_weight_sum)
-    if -(1 << 15) <= ignore_index < (1 << 15) and z.shape[1] <= (1 << 15):
-        labels = labels.to(torch.int16)  # same values; 4x less label traffic in the s*s comparisons
-    xi_den, valid, target = _pool_setup(labels, ignore_index, offsets, stride, z.dtype)
-    target = target.long()
+    if -(1 << 15) <= ignore_index < (1 << 15) and k <= (1 << 15):
+        labels = labels.to(torch.int16)  # same values; 4x less label traffic in the comparisons
     ignored = (labels == ignore_index).unsqueeze(1)
-    k = z.shape[1]
-    hc, wc = xi_den.shape[-2:]
-    zhat = z.new_empty(k, height, width)
-    acc = z.new_empty(k, hc, wc)
-    scratch = z.new_empty(k, height, width)  # exp(acc - max), then the gradient of zhat
+    hc, wc = -(-height // stride), -(-width // stride)
+    group = _group_size(z)
+    zhat_buf = z.new_empty(group, k, height, width)
+    acc_buf = z.new_empty(group, k, hc, wc)
+    scratch_buf = z.new_empty(group, k, height, width)  # exp(acc - max), then the gradient of zhat
     grad = None if grad_numerator is None else torch.empty_like(z, memory_format=torch.contiguous_format)
     numerator = z.new_zeros(())
-    for b in range(z.shape[0]):
-        _, std, var = _zscore_into(zhat, scratch, z[b], ignored[b], normalize, eps)
-        coefs = _image_coefs(labels[b], stride, valid[b], offsets, z.dtype)
-        _pool_into(acc, zhat, coefs, offsets).div_(xi_den[b].unsqueeze(0))
-        exp_shift = scratch[:, :hc, :wc] if stride == 1 else scratch.new_empty(acc.shape)
+    for b0 in range(0, batch, group):
+        b1 = min(batch, b0 + group)
+        zhat, acc, scratch = zhat_buf[:b1 - b0], acc_buf[:b1 - b0], scratch_buf[:b1 - b0]
+        coefs, xi, valid, target = _group_setup(labels[b0:b1], ignore_index, offsets, window // 2, stride,
+                                                xi_weight_sum, z.dtype)
+        _, std, var = _zscore_into(zhat, scratch, z[b0:b1], ignored[b0:b1], normalize, eps)
+        _pool_into(acc, zhat, coefs, offsets).div_(xi.unsqueeze(1))
+        exp_shift = scratch[..., :hc, :wc] if stride == 1 else scratch.new_empty(acc.shape)
         lse, exp_sum = _lse_into(exp_shift, acc)
-        tgt = target[b].unsqueeze(0)
-        ce = torch.where(valid[b], lse - acc.gather(0, tgt)[0], torch.zeros_like(lse))
+        tgt = target.unsqueeze(1)
+        ce = torch.where(valid, lse - acc.gather(1, tgt)[:, 0], torch.zeros_like(lse))
         if grad is None:
             numerator = numerator + (ce.pow(power).sum() if power != 1 else ce.sum())
             continue
         # d numerator / d(acc before the division by xi) = power L^(power-1) (softmax - onehot) / xi
         dce = power * ce.pow(power - 1) if power != 1 else torch.ones_like(ce)
-        scale = torch.where(valid[b], dce, torch.zeros_like(dce)) * grad_numerator / xi_den[b]
-        g_acc = torch.div(exp_shift, exp_sum.unsqueeze(0), out=acc)  # softmax
-        g_acc.scatter_add_(0, tgt, torch.full_like(g_acc[:1], -1.0)).mul_(scale.unsqueeze(0))
+        scale = torch.where(valid, dce, torch.zeros_like(dce)) * grad_numerator / xi
+        g_acc = torch.div(exp_shift, exp_sum.unsqueeze(1), out=acc)  # softmax
+        g_acc.scatter_add_(1, tgt, torch.full_like(g_acc[:, :1], -1.0)).mul_(scale.unsqueeze(1))
         g_zhat = _pool_into(scratch, g_acc, coefs, offsets, transpose=True)
         if normalize:
             # zhat = c / std, c = z - mean(z), std = sqrt(max(var, eps^2)), var = mean(c^2)
             # acc (the softmax gradient) is consumed: reuse it for the product when it fits
             prod = torch.mul(g_zhat, zhat, out=acc) if stride == 1 else g_zhat * zhat
-            through_std = (var >= eps * eps).to(z.dtype) * prod.mean(dim=0, keepdim=True)
+            through_std = (var >= eps * eps).to(z.dtype) * prod.mean(dim=1, keepdim=True)
             g_c = g_zhat.sub_(zhat.mul_(through_std)).div_(std)
-            torch.sub(g_c, g_c.mean(dim=0, keepdim=True), out=grad[b])
+            torch.sub(g_c, g_c.mean(dim=1, keepdim=True), out=grad[b0:b1])
         else:
-            grad[b].copy_(g_zhat)  # 0 at ignored pixels (they never pool)
+            grad[b0:b1].copy_(g_zhat)  # 0 at ignored pixels (they never pool)
     return numerator, grad
 
 
