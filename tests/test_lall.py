@@ -290,6 +290,17 @@ def test_gradient_matches_reference():
     torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
 
 
+def _assert_value_and_grad_match_reference(logits, labels, **kw):
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    got = locally_adaptive_loss(a, labels, **kw).loss
+    want = ref_loss(b, labels, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (ga,) = torch.autograd.grad(got, a)
+    (gb,) = torch.autograd.grad(want, b)
+    torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("stride,normalize", [(1, "zscore"), (2, "zscore"), (1, None)])
 def test_channel_chunked_pooling_matches_reference(monkeypatch, stride, normalize):
     # On CPU the pooling runs over chunks of channels sized to stay in cache; test images
@@ -299,15 +310,7 @@ def test_channel_chunked_pooling_matches_reference(monkeypatch, stride, normaliz
     monkeypatch.setattr(lall_mod, "_CHUNK_BYTES", 1)
     logits, labels = make_inputs(seed=12)
     assert logits.shape[0] > 1 and logits.shape[1] > 1  # several images and chunks share the buffers
-    a = logits.clone().requires_grad_(True)
-    b = logits.clone().requires_grad_(True)
-    kw = dict(window=5, stride=stride, normalize=normalize)
-    got = locally_adaptive_loss(a, labels, **kw).loss
-    want = ref_loss(b, labels, **kw)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    (ga,) = torch.autograd.grad(got, a)
-    (gb,) = torch.autograd.grad(want, b)
-    torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+    _assert_value_and_grad_match_reference(logits, labels, window=5, stride=stride, normalize=normalize)
 
 
 @pytest.mark.parametrize("group", [2, 3])
@@ -318,15 +321,8 @@ def test_grouped_images_match_reference(monkeypatch, group):
 
     monkeypatch.setattr(lall_mod, "_group_size", lambda z: group)
     logits, labels = make_inputs(b=5, seed=14)
-    a = logits.clone().requires_grad_(True)
-    b = logits.clone().requires_grad_(True)
     for kw in (dict(window=5), dict(window=3, stride=2, xi="weight_sum"), dict(window=5, normalize=None)):
-        got = locally_adaptive_loss(a, labels, **kw).loss
-        want = ref_loss(b, labels, **kw)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        (ga,) = torch.autograd.grad(got, a)
-        (gb,) = torch.autograd.grad(want, b)
-        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+        _assert_value_and_grad_match_reference(logits, labels, **kw)
 
 
 def test_gradcheck_without_zscore():
