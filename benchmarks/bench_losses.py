@@ -156,6 +156,27 @@ def measure(fns: Dict[str, Callable[[], None]], repeats: int, args, device: torc
     return out
 
 
+def maybe_compile(fn: Callable, args) -> Callable:
+    """``fn`` compiled with ``torch.compile(backend=args.compile_backend)`` under ``--compile``
+    (the losses only: the model runs eager in both cases)."""
+    if not args.compile:
+        return fn
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 256  # one compilation per loss instance and shape
+    return torch.compile(fn, backend=args.compile_backend, dynamic=False)
+
+
+def compile_losses(crit: pixreg.RegularizedCriterion, args) -> pixreg.RegularizedCriterion:
+    """Under ``--compile``: the criterion's CE and each regularizer's ``compute`` compiled
+    (the criterion's own bookkeeping, a host read of its warm-up step counter, stays eager)."""
+    if args.compile:
+        crit._cross_entropy = maybe_compile(crit._cross_entropy, args)
+        for mod in crit.losses.values():
+            mod.compute = maybe_compile(mod.compute, args)
+    return crit
+
+
 # --------------------------------------------------------------------- (a) loss alone
 def loss_inputs(k: int, size: int, batch: int, device: torch.device, seed: int):
     """Generator (for further draws), stride-8 features, full-size logits (both requiring grad), labels."""
@@ -177,12 +198,14 @@ def loss_alone(k: int, size: int, args, device: torch.device) -> dict:
 
     def run(m: str) -> Callable[[], None]:
         crit = crits[m]
+        loss_fn = crit._cross_entropy if m == "ce" else next(iter(crit.losses.values())).compute
+        loss_fn = maybe_compile(loss_fn, args)
 
         def fn() -> None:
             if m == "ce":
-                value = crit._cross_entropy(logits, labels)
+                value = loss_fn(logits, labels)
             else:
-                value = next(iter(crit.losses.values())).compute(labels, features=feats, logits=logits)
+                value = loss_fn(labels, features=feats, logits=logits)
             # gradients returned (and dropped), not accumulated in .grad: every call starts equal
             torch.autograd.grad(value, (feats, logits), allow_unused=True)
 
@@ -203,7 +226,7 @@ def train_step(k: int, size: int, args, device: torch.device) -> dict:
     labels = make_labels(args.batch, size, k, device)
 
     def run(m: str) -> Callable[[], None]:
-        crit = crits[m]
+        crit = compile_losses(crits[m], args)
 
         def fn() -> None:
             feats = model.features(x)
@@ -357,7 +380,8 @@ def loss_tables(res: dict) -> List[str]:
 def markdown(res: dict) -> str:
     lines = ["# Regularizer speed and memory", "", f"Command: `{res['command']}`", "",
              f"Date: {res['date']}. Machine: {res['machine']}. torch {res['torch']}, "
-             f"{res['threads']} thread(s), device {res['device']}.", "",
+             f"{res['threads']} thread(s), device {res['device']}. Code: {res.get('code', 'unknown')}. "
+             f"Losses compiled: {res.get('compiled') or 'no (eager)'}.", "",
              f"Memory method: {res['memory_method']}", ""]
     if res.get("step"):
         lines += ["## Whole training step (reference model, batch %d)" % res["batch"], "",
@@ -420,6 +444,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def code_version() -> str:
+    """``git describe`` of the checkout the benchmark ran from (``-dirty`` with local edits)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(HERE),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def ints(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -445,7 +480,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--compile-check", action="store_true", help="only the torch.compile report")
     p.add_argument("--compile-backend", default="aot_eager",
-                   help="torch.compile backend of --compile-check (aot_eager needs no compiler; inductor does)")
+                   help="torch.compile backend of --compile-check and --compile (aot_eager needs no compiler; "
+                        "inductor does)")
+    p.add_argument("--compile", action="store_true",
+                   help="time the losses (and the criterion in the step) compiled with --compile-backend")
     p.add_argument("--out", default=os.path.join(HERE, "results", "losses_{device}"),
                    help="results path without extension (.md and .json are written)")
     args = p.parse_args(argv)
@@ -467,6 +505,7 @@ def run(args, device: torch.device, argv) -> dict:
         "command": "python benchmarks/bench_losses.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+        "code": code_version(), "compiled": args.compile and args.compile_backend,
         "batch": args.batch, "classes": args.classes, "sizes": args.sizes,
         "memory_method": (
             "torch.cuda.max_memory_allocated above the memory allocated before the call" if device.type == "cuda"
