@@ -168,28 +168,37 @@ class RegularizedCriterion(nn.Module):
         step = int(self.step)  # one host read per step, for the warm-ups
         if self.training:
             self.step += 1
-        # The regularizers are evaluated before CE on purpose: autograd runs the most recently
-        # created nodes first, so CE's backward (whose log-softmax output and gradients are
-        # logits-sized) completes and frees its buffers before a regularizer's backward
-        # allocates its own logits-sized gradient; the other order holds both at once (a
-        # whole extra (B, K, H, W) tensor at the peak of a step with LALL). The sum below
-        # keeps the order CE, then the regularizers.
+        # Evaluation order is chosen for memory (autograd runs the most recently created nodes
+        # first). A regularizer whose backward makes a logits-sized gradient (LALL) is
+        # evaluated before CE, so that CE's backward (whose log-softmax output and gradients
+        # are logits-sized) completes and frees its buffers first; the other order holds both
+        # at once, a whole extra (B, K, H, W) tensor at the peak. The others are evaluated
+        # after CE, so that their backward runs, and frees what they saved, before CE's peak.
+        # The sum below keeps the order CE, then the regularizers, whatever the evaluation order.
         reg_values: Dict[str, torch.Tensor] = {}
         reg_terms: Dict[str, Dict[str, torch.Tensor]] = {}
-        for name, spec in self.specs.items():
-            loss_mod = self.losses[name]
+
+        def evaluate(name: str) -> None:
+            spec, loss_mod = self.specs[name], self.losses[name]
             if self.training and step < spec.warmup:
-                continue
+                return
             feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
             reg_values[name] = spec.weight * loss_mod.compute(
                 labels, features=feats, logits=logits if loss_mod.uses_logits else None)
             reg_terms[name] = {f"{name}/{tname}": (spec.weight * tval).detach() for tname, tval in loss_mod.terms.items()}
+
+        before_ce = [n for n in self.specs if getattr(self.losses[n], "logits_gradient", False)]
+        for name in before_ce:
+            evaluate(name)
         terms: Dict[str, torch.Tensor] = {}
         total = logits.new_zeros(())
         if self.ce_weight:
             ce = self._cross_entropy(logits, labels)
             total = total + self.ce_weight * ce
             terms["ce"] = ce.detach()
+        for name in self.specs:
+            if name not in before_ce:
+                evaluate(name)
         for name in self.specs:
             if name not in reg_values:  # still warming up
                 terms[name] = total.new_zeros(()).detach()

@@ -3,6 +3,9 @@
 Every regularizer is an ``nn.Module`` with
 
 * ``uses_features`` / ``uses_logits``: which inputs it needs;
+* ``logits_gradient``: whether its backward produces a gradient the size of the logits
+  (:class:`pixreg.RegularizedCriterion` evaluates such terms before CE, so that the two
+  logits-sized gradients never coexist at the peak of the backward pass);
 * ``forward(...)``: the method's natural signature (features first, or logits first),
   returning a scalar loss (already multiplied by the method's own term weights);
 * ``compute(labels, features=None, logits=None)``: the uniform entry point used by
@@ -31,6 +34,7 @@ class LossOutput(NamedTuple):
 class Regularizer(nn.Module):
     uses_features: bool = True
     uses_logits: bool = False
+    logits_gradient: bool = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -428,6 +428,7 @@ class LocallyAdaptiveLoss(Regularizer):
 
     uses_features = False
     uses_logits = True
+    logits_gradient = True
 
     def __init__(
         self,
