@@ -1,25 +1,18 @@
 """The claims scoreboard harness (benchmarks/claims.py) on a tiny protocol."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
+from _scripts import load_script
 import torch
 
 pytest.importorskip("yaml")
 pytest.importorskip("sklearn")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "claims.py"
-
-
 def load():
-    spec = importlib.util.spec_from_file_location("claims", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("claims")
 
 
 def test_every_claim_names_known_variants():

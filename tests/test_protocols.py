@@ -1,21 +1,15 @@
 """benchmarks/protocols.py: the protocol study's summary from finished runs (no training)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols.py"
-
+from _scripts import load_script
 
 def load():
-    spec = importlib.util.spec_from_file_location("protocols", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("protocols")
 
 
 def fake_runs(root: Path, name: str, test_miou: dict, curves: dict, secs: float = 100.0) -> None:
