@@ -319,7 +319,7 @@ def test_grouped_images_match_reference(monkeypatch, group):
     # time. Force groups here, including a last group that is not full.
     import pixreg.losses.lall as lall_mod
 
-    monkeypatch.setattr(lall_mod, "_group_size", lambda z: group)
+    monkeypatch.setattr(lall_mod, "_group_size", lambda z, n_offsets: group)
     logits, labels = make_inputs(b=5, seed=14)
     for kw in (dict(window=5), dict(window=3, stride=2, xi="weight_sum"), dict(window=5, normalize=None)):
         _assert_value_and_grad_match_reference(logits, labels, **kw)

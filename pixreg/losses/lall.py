@@ -21,9 +21,10 @@ paper's reading) or, optionally, the sum of their weights; ``P`` the valid centr
 pixels of the whole (global) batch; ``k`` the Minkowski power (3 in the paper).
 
 The pooled vectors are built from shifted views of the normalised logits (one in-place
-multiply-add per window offset), never from an unfolded ``(B, K*s*s, H*W)`` tensor, one
-image at a time in three reused ``(K, H, W)`` buffers; on CPU the offsets loop over
-chunks of channels small enough to stay in cache. The backward pass is written by hand
+multiply-add per window offset), never from an unfolded ``(B, K*s*s, H*W)`` tensor, a
+group of images at a time (one on CPU; on CUDA as many as fit in about one logits
+tensor of working memory) in three reused buffers; on CPU the offsets loop over chunks
+of channels small enough to stay in cache. The backward pass is written by hand
 (:class:`_PooledNumerator`): nothing but the inputs is kept for it (each image's pool is
 recomputed), and no autograd graph is recorded over the ``s*s`` offsets. No host
 synchronisation; runs under ``torch.compile`` without graph breaks.
@@ -146,15 +147,15 @@ def _group_setup(labels: torch.Tensor, ignore_index: int, offsets, radius: int, 
     return coefs.unsqueeze(2), xi, valid, target
 
 
-def _group_size(z: torch.Tensor) -> int:
+def _group_size(z: torch.Tensor, n_offsets: int) -> int:
     """Images pooled together. CPU: one (its buffers stay cache-sized and nothing is gained
-    by batching). CUDA: as many as keep the working memory (3 ``(K, H, W)`` buffers and 25
-    coefficient maps per image) within about one logits tensor, since kernel launches, not
-    arithmetic, bound a per-image loop there."""
+    by batching). CUDA: as many as keep the working memory (3 ``(K, H, W)`` buffers and
+    ``n_offsets`` coefficient maps per image) within about one logits tensor, since kernel
+    launches, not arithmetic, bound a per-image loop there."""
     b, k = z.shape[:2]
     if not z.is_cuda:
         return 1
-    return max(1, min(b, int(b // (3 + 25 / k))))
+    return max(1, min(b, int(b // (3 + n_offsets / k))))
 
 
 def _zscore_into(out: torch.Tensor, scratch: torch.Tensor, zg: torch.Tensor, ignored: torch.Tensor,
@@ -236,7 +237,7 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
         labels = labels.to(torch.int16)  # same values; 4x less label traffic in the comparisons
     ignored = (labels == ignore_index).unsqueeze(1)
     hc, wc = -(-height // stride), -(-width // stride)
-    group = _group_size(z)
+    group = _group_size(z, len(offsets))
     zhat_buf = z.new_empty(group, k, height, width)
     acc_buf = z.new_empty(group, k, hc, wc)
     scratch_buf = z.new_empty(group, k, height, width)  # exp(acc - max), then the gradient of zhat
