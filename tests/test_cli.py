@@ -214,6 +214,10 @@ def test_train_then_eval_end_to_end(tmp_path, cache, capsys):
         assert col in rows[0]
     assert float(rows[0]["loss"]) == pytest.approx(float(rows[0]["ce"]) + float(rows[0]["car"]) + float(rows[0]["lall"]), rel=1e-4)
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # poly schedule
+    # the learning curve: validation at step 4 (eval_every) and at the end, the last = final val
+    curve = list(csv.DictReader(open(os.path.join(run, "val.csv"))))
+    assert [int(r["step"]) for r in curve] == [4, 6]
+    assert float(curve[-1]["mIoU"]) == pytest.approx(metrics["splits"]["val"]["mIoU"], rel=1e-5)
     # the resolved config was written and the checkpoint holds everything needed to resume
     assert resolve_config(os.path.join(run, "config.yaml"))["method"] == "car+lall"
     ckpt = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
