@@ -114,7 +114,8 @@ def report(rows: List[Dict[str, Any]], command: str) -> str:
 
     lines = [
         "# CamVid protocol study: seed-to-seed noise and cost per protocol", "",
-        f"Command: `{command}`", "",
+        f"Command: `{command}` (`python benchmarks/protocols.py` trains the runs that are missing; "
+        "`--report-only` rebuilds this file from the finished runs).", "",
         f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}. "
         f"Date: {datetime.date.today().isoformat()}.", "",
         "CamVid (SegNet layout, 11 classes) at 90x120, batch 8, AdamW lr 0.002 + poly, 50 warm-up steps, "
@@ -124,7 +125,8 @@ def report(rows: List[Dict[str, Any]], command: str) -> str:
         "differences, the noise a comparison must beat. `detectable`: smallest true difference these seeds "
         "detect with 80 % power. `late gain`: mean CE validation mIoU at the end minus at 75 % of the schedule "
         "(about 0 when the curve has levelled off). Seconds per run: training + evaluation, "
-        "mean over the runs, on the thread count shown (other jobs shared the 2 cores at times).", "",
+        "mean over the runs, on the thread count shown, with another job on the second core "
+        "most of the time.", "",
         "`CPU h for ±1`: hours of training and evaluation that a paired comparison of two methods "
         "needs to detect a 1-point difference with 80 % power at this protocol's sd(Δ) "
         "(seeds for ±1 x 2 runs x s/run): the cost-aware measure the default is chosen by.", "",
