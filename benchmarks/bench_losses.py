@@ -40,7 +40,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,6 +53,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import naive  # noqa: E402
+from _machine import machine  # noqa: E402
 import pixreg  # noqa: E402
 from pixreg.losses.car import car_loss  # noqa: E402
 from pixreg.losses.cplus1 import cplus1_loss  # noqa: E402
@@ -431,19 +431,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def code_version() -> str:
     """``git describe`` of the checkout the benchmark ran from (``-dirty`` with local edits)."""
     import subprocess
@@ -483,7 +470,7 @@ def main(argv=None) -> dict:
                    help="torch.compile backend of --compile-check and --compile (aot_eager needs no compiler; "
                         "inductor does)")
     p.add_argument("--compile", action="store_true",
-                   help="time the losses (and the criterion in the step) compiled with --compile-backend")
+                   help="time the losses compiled with --compile-backend (alone, and inside the criterion in the step)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "losses_{device}"),
                    help="results path without extension (.md and .json are written)")
     args = p.parse_args(argv)

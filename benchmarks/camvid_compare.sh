@@ -29,7 +29,9 @@ ARGS=(compare --config configs/camvid.yaml --data-root "$ROOT" --methods "$METHO
 .venv/bin/python - "$OUT" "${ARGS[*]}" <<'PY'
 import datetime, json, os, platform, shutil, sys, torch
 out, cmd = sys.argv[1], sys.argv[2]
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+sys.path.insert(0, "benchmarks")
+from _machine import cpu_name
+cpu = cpu_name()
 head = (f"Command: `pixreg {cmd}`\n\nMachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}\n\nDate: {datetime.date.today().isoformat()}\n\n")
 os.makedirs("benchmarks/results", exist_ok=True)

@@ -27,13 +27,14 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _machine import cpu_name  # noqa: E402
 from pixreg.train.config import resolve_config  # noqa: E402
 from pixreg.train.stats import detectable_effect, paired_interval  # noqa: E402
 
@@ -298,8 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = scoreboard(args.out, seeds)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     cmd = "python benchmarks/claims.py " + " ".join(given)  # the command that trains and tabulates
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_name()
     cfg = variant_config("ce", seeds[0], args.config, args.overrides)
     proto = (f"scenes protocol: {cfg['data']['name']} {cfg['data']['size'][0]}x{cfg['data']['size'][1]}, "
              f"model {cfg['model']['name']} {cfg['model']['opts']}, {cfg['train']['steps']} steps of batch "

@@ -31,7 +31,9 @@ from typing import Any, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _machine import cpu_name  # noqa: E402
 from pixreg.train.stats import mean_std, paired_interval, seeds_needed  # noqa: E402
 
 _SCRATCH = ["model.name=fcn_resnet", "model.opts={width: 16, depth: 10, head_channels: 64}"]
@@ -108,8 +110,7 @@ def _f(v: Optional[float], fmt: str = "{:.2f}") -> str:
 
 
 def report(rows: List[Dict[str, Any]], command: str) -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     import torch
 
     lines = [
