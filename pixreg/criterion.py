@@ -4,8 +4,8 @@
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
 >>> criterion = pixreg.RegularizedCriterion({
-...     "car": pixreg.Term(pixreg.CARLoss(num_classes=4), weight=1.0, warmup=0),
-...     "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), weight=1.0),
+...     "car": pixreg.Term(pixreg.CARLoss(num_classes=4), loss_weight=0.1, warmup=0),
+...     "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), loss_weight=1.0),
 ... })
 >>> wrapped = pixreg.RegularizedModel(model, criterion, layers="1")
 >>> x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))
@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .balance import DEFAULT_BALANCE_EVERY, DEFAULT_CALIBRATION_STEPS, DEFAULT_TARGET_RATIO, AutoWeight, gradient_norm
 from .distributed import all_reduce_sum, all_reduce_sum_no_grad
 from .hooks import FeatureCapture
 from .losses._common import check_floating, check_labels, check_same_device
@@ -37,25 +40,57 @@ class Term:
 
     Args:
         loss: the regularizer module.
-        weight: multiplies the regularizer's loss (which already includes its own term weights).
+        loss_weight: multiplies the regularizer's loss (which already includes its own term
+            weights), or ``"auto"``: set during a calibration window (``calibration_steps``
+            measured steps right after the warm-up, the term active at the current estimate)
+            so that the term's gradient at its features is ``target_ratio`` times
+            cross-entropy's, then frozen (see :mod:`pixreg.balance`; saved in ``state_dict``).
         warmup: number of training steps (criterion calls in training mode) during which
             the term is off: not computed, state not updated, reported as 0.
         layer: which captured feature layer feeds it (default: the only one, or the
             tensor passed as ``features``).
         projection: optional training-only module applied to the features first (e.g. a
-            1x1 conv for CAR or C+1); it belongs to the criterion, not to the model.
+            1x1 conv for CAR or C+1). It is a *side branch* owned by the criterion: the
+            model's classifier never sees its output (CAR's paper instead puts a 1x1 conv
+            *in* the model's head, e.g. ``fcn_resnet(head_kernel=1)``).
+        target_ratio, calibration_steps: for ``loss_weight="auto"`` (defaults 0.1 and 50:
+            the measurements in :mod:`pixreg.balance`).
+        weight: deprecated alias of ``loss_weight``.
     """
 
     loss: Regularizer
-    weight: float = 1.0
+    loss_weight: Union[float, str] = 1.0
     warmup: int = 0
     layer: Optional[str] = None
     projection: Optional[nn.Module] = None
+    target_ratio: float = DEFAULT_TARGET_RATIO
+    calibration_steps: int = DEFAULT_CALIBRATION_STEPS
+    weight: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.weight is not None:
+            warnings.warn("Term(weight=...) is deprecated; use loss_weight=...", DeprecationWarning, stacklevel=3)
+            self.loss_weight, self.weight = self.weight, None
+        lw = self.loss_weight
+        if isinstance(lw, str):
+            if lw != "auto":
+                raise ValueError(f"`loss_weight` must be a number >= 0 or 'auto', got {lw!r}")
+        elif isinstance(lw, bool) or not isinstance(lw, (int, float)) or not (0 <= lw < math.inf):
+            raise ValueError(f"`loss_weight` must be a finite number >= 0 or 'auto', got {lw!r}")
+        else:
+            self.loss_weight = float(lw)
+
+    @property
+    def auto(self) -> bool:
+        return self.loss_weight == "auto"
 
 
 class CriterionOutput(NamedTuple):
     """``total``: scalar to backpropagate. ``terms``: detached scalars for logging:
-    ``"ce"``, ``"<name>"`` (weighted regularizer total) and ``"<name>/<term>"``."""
+    ``"ce"``, ``"<name>"`` (weighted regularizer total) and ``"<name>/<term>"``; on the
+    steps where the gradient balance is measured also ``"ratio/<name>"`` (the term's
+    gradient norm at its features over CE's, as weighted), ``"weight/<name>"`` for
+    ``loss_weight="auto"`` terms and ``"centre_cos/<name>"`` for C+1."""
 
     total: torch.Tensor
     terms: Dict[str, torch.Tensor]
@@ -69,12 +104,15 @@ class RegularizedCriterion(nn.Module):
         ce_weight: weight of the cross-entropy (0 switches it off).
         ignore_index: label value ignored by CE and by every regularizer.
         class_weight: optional ``(K,)`` CE class weights.
+        balance_every: measure the gradient ratios (:mod:`pixreg.balance`) every this many
+            training steps (0: only while an automatic weight calibrates). Cost: one partial
+            backward from the losses to the features per measured step.
 
     ``forward(logits, labels, features=None)``: logits ``(B, K, H, W)``; labels
     ``(B, H', W')`` (logits are bilinearly upsampled to the label size if they differ);
     features a tensor or a dict ``{layer: tensor}`` (as :class:`FeatureCapture` gives).
     The step counter (a buffer, saved in ``state_dict``) advances on every call in
-    training mode and drives the warm-ups. Learnable parts (projections, RCH's head,
+    training mode and drives the warm-ups and calibrations. Learnable parts (projections, RCH's head,
     learnable centres) are parameters of this module: give them to the optimiser.
     """
 
@@ -85,9 +123,14 @@ class RegularizedCriterion(nn.Module):
         ce_weight: float = 1.0,
         ignore_index: int = 255,
         class_weight: Optional[torch.Tensor] = None,
+        balance_every: int = DEFAULT_BALANCE_EVERY,
     ) -> None:
         super().__init__()
         self.ce_weight = float(ce_weight)
+        if isinstance(balance_every, bool) or not isinstance(balance_every, int) or balance_every < 0:
+            raise ValueError(f"`balance_every` must be an int >= 0, got {balance_every!r}")
+        self.balance_every = balance_every
+        self.balance = nn.ModuleDict()
         self.ignore_index = int(ignore_index)
         self.specs: Dict[str, Term] = {}
         self.losses = nn.ModuleDict()
@@ -108,10 +151,14 @@ class RegularizedCriterion(nn.Module):
             self.losses[name] = spec.loss
             if spec.projection is not None:
                 self.projections[name] = spec.projection
+            if spec.auto:
+                if not self.ce_weight:
+                    raise ValueError(f"`regularizers[{name!r}]`: loss_weight='auto' balances against CE; ce_weight is 0")
+                self.balance[name] = AutoWeight(spec.target_ratio, spec.calibration_steps)
         self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def _features_for(self, name: str, spec: Term, features) -> torch.Tensor:
+    def _raw_features(self, name: str, spec: Term, features) -> torch.Tensor:
         if isinstance(features, torch.Tensor):
             feats = features
         elif isinstance(features, Mapping) and features:
@@ -127,6 +174,10 @@ class RegularizedCriterion(nn.Module):
             feats = features[key]
         else:
             raise ValueError(f"regularizer {name!r} needs `features` (a tensor or a dict of captured layers)")
+        return feats
+
+    def _features_for(self, name: str, spec: Term, features) -> torch.Tensor:
+        feats = self._raw_features(name, spec, features)
         if name in self.projections:
             feats = self.projections[name](feats)
         return feats
@@ -152,6 +203,39 @@ class RegularizedCriterion(nn.Module):
         denom = all_reduce_sum_no_grad(denom.to(total.dtype))
         return total / denom.clamp(min=1e-12) if w is not None else total / denom.clamp(min=1)
 
+    def _weight(self, name: str) -> Union[float, torch.Tensor]:
+        if name in self.balance:
+            return self.balance[name].weight.float()
+        return self.specs[name].loss_weight
+
+    def _measure_now(self, step: int, raw_values: Mapping[str, torch.Tensor]) -> bool:
+        if not (self.training and torch.is_grad_enabled() and raw_values):
+            return False
+        if self.balance_every and step % self.balance_every == 0:
+            return True
+        return any(n in raw_values and not bool(a.frozen) for n, a in self.balance.items())
+
+    def _measure(self, step: int, ce: torch.Tensor, raw_values: Mapping[str, torch.Tensor],
+                 logits: torch.Tensor, features) -> Dict[str, torch.Tensor]:
+        """Gradient ratios at each term's input (features, or logits for a logits-only term),
+        updating the automatic weights first; see :mod:`pixreg.balance`."""
+        out: Dict[str, torch.Tensor] = {}
+        ce_norms: Dict[int, torch.Tensor] = {}
+        for name, raw in raw_values.items():
+            spec, loss_mod = self.specs[name], self.losses[name]
+            x = self._raw_features(name, spec, features) if loss_mod.uses_features else logits
+            if id(x) not in ce_norms:
+                ce_norms[id(x)] = gradient_norm(self.ce_weight * ce, [x])
+            ce_norm, raw_norm = ce_norms[id(x)], gradient_norm(raw, [x])
+            if name in self.balance:
+                self.balance[name].update(ce_norm, raw_norm)
+                out[f"weight/{name}"] = self.balance[name].weight.float().clone()
+            ratio = float(self._weight(name)) * raw_norm / ce_norm.clamp_min(1e-300)
+            out[f"ratio/{name}"] = torch.where(ce_norm > 0, ratio, torch.full_like(ratio, math.inf)).float()
+            if hasattr(loss_mod, "centre_similarity"):
+                out[f"centre_cos/{name}"] = loss_mod.centre_similarity().float()
+        return out
+
     def forward(
         self,
         logits: torch.Tensor,
@@ -163,6 +247,7 @@ class RegularizedCriterion(nn.Module):
         if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"`labels` must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
         check_same_device(logits=logits, labels=labels)
+        model_logits = logits
         if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         step = int(self.step)  # one host read per step, for the warm-ups
@@ -175,23 +260,23 @@ class RegularizedCriterion(nn.Module):
         # at once, a whole extra (B, K, H, W) tensor at the peak. The others are evaluated
         # after CE, so that their backward runs, and frees what they saved, before CE's peak.
         # The sum below keeps the order CE, then the regularizers, whatever the evaluation order.
-        reg_values: Dict[str, torch.Tensor] = {}
-        reg_terms: Dict[str, Dict[str, torch.Tensor]] = {}
+        raw_values: Dict[str, torch.Tensor] = {}
+        raw_terms: Dict[str, Dict[str, torch.Tensor]] = {}
 
         def evaluate(name: str) -> None:
             spec, loss_mod = self.specs[name], self.losses[name]
             if self.training and step < spec.warmup:
                 return
             feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
-            reg_values[name] = spec.weight * loss_mod.compute(
-                labels, features=feats, logits=logits if loss_mod.uses_logits else None)
-            reg_terms[name] = {f"{name}/{tname}": (spec.weight * tval).detach() for tname, tval in loss_mod.terms.items()}
+            raw_values[name] = loss_mod.compute(labels, features=feats, logits=logits if loss_mod.uses_logits else None)
+            raw_terms[name] = dict(loss_mod.terms)
 
         before_ce = [n for n in self.specs if getattr(self.losses[n], "logits_gradient", False)]
         for name in before_ce:
             evaluate(name)
         terms: Dict[str, torch.Tensor] = {}
         total = logits.new_zeros(())
+        ce = None
         if self.ce_weight:
             ce = self._cross_entropy(logits, labels)
             total = total + self.ce_weight * ce
@@ -199,13 +284,19 @@ class RegularizedCriterion(nn.Module):
         for name in self.specs:
             if name not in before_ce:
                 evaluate(name)
+        diagnostics = {}
+        if ce is not None and self._measure_now(step, raw_values):
+            diagnostics = self._measure(step, ce, raw_values, model_logits, features)
         for name in self.specs:
-            if name not in reg_values:  # still warming up
+            if name not in raw_values:  # still warming up
                 terms[name] = total.new_zeros(()).detach()
                 continue
-            total = total + reg_values[name]
-            terms[name] = reg_values[name].detach()
-            terms.update(reg_terms[name])
+            w = self._weight(name)
+            value = w * raw_values[name]
+            total = total + value
+            terms[name] = value.detach()
+            terms.update({f"{name}/{t}": (w * v).detach() for t, v in raw_terms[name].items()})
+        terms.update(diagnostics)
         return CriterionOutput(total, terms)
 
 

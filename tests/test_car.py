@@ -52,7 +52,8 @@ def _relu(v):
     return torch.where(v > 0, v, torch.zeros_like(v))
 
 
-def ref_paper(features, labels, k, *, eps0=0.5, eps1=0.25, thr="present", w=(1.0, 1.0, 1.0), detach_centres=False):
+def ref_paper(features, labels, k, *, eps0=0.5, eps1=0.25, thr="present", w=(1.0, 1.0, 1.0), detach_centres=False,
+              energy="scaled"):
     xs, ys = ref_pixels(features, labels)
     d = xs[0].numel()
     zero = features.sum() * 0
@@ -91,8 +92,10 @@ def ref_paper(features, labels, k, *, eps0=0.5, eps1=0.25, thr="present", w=(1.0
     if valid:
         t = eps1 / max(kp - 1, 1)
         acc = 0
+        m = mu if energy == "printed" else {c: v.detach() for c, v in mu.items()}
+        sc = 1.0 if energy == "printed" else math.sqrt(d)
         for i in valid:
-            a = _softmax([torch.dot(mu[l], mu[l]) if l == ys[i] else torch.dot(xs[i], mu[l]) for l in present])
+            a = _softmax([(torch.dot(m[l], m[l]) if l == ys[i] else torch.dot(xs[i], m[l])) / sc for l in present])
             s = zero
             for j, l in enumerate(present):
                 if l != ys[i]:
@@ -222,20 +225,35 @@ def test_paper_flat_input():
     check_against(out, ref, x, lambda z: car_loss(z, y, 4), lambda z: ref_paper(z, y, 4))
 
 
-@pytest.mark.parametrize("term", range(3))
-def test_paper_gradient_flows_through_centres(term):
+@pytest.mark.parametrize("term,c2p", [(0, "scaled"), (1, "scaled"), (2, "printed"), (2, "scaled")])
+def test_paper_gradient_flows_through_centres(term, c2p):
     x, y = make_data(2)
     w = tuple(1.0 if i == term else 0.0 for i in range(3))
-    kw = dict(intra_weight=w[0], c2c_weight=w[1], c2p_weight=w[2])
+    kw = dict(intra_weight=w[0], c2c_weight=w[1], c2p_weight=w[2], c2p_energy=c2p)
     g_impl = grad_of(lambda z: car_loss(z, y, K, **kw).loss, x)
-    g_flow = grad_of(lambda z: ref_paper(z, y, K, w=w), x)
-    g_stop = grad_of(lambda z: ref_paper(z, y, K, w=w, detach_centres=True), x)
+    g_flow = grad_of(lambda z: ref_paper(z, y, K, w=w, energy=c2p), x)
+    g_stop = grad_of(lambda z: ref_paper(z, y, K, w=w, detach_centres=True, energy=c2p), x)
     assert torch.allclose(g_impl, g_flow, atol=1e-10, rtol=1e-7)
-    if term == 0:
-        # MSE to the class mean: the centre path contributes sum_i 2 (mu - x_i) = 0 exactly
+    if term == 0 or (term == 2 and c2p == "scaled"):
+        # intra: the centre path contributes sum_i 2 (mu - x_i) = 0 exactly; scaled c2p stops it
         assert torch.allclose(g_impl, g_stop, atol=1e-12)
     else:
         assert (g_impl - g_stop).abs().max() > 1e-4
+
+
+def test_paper_printed_c2p_matches_reference_and_differs_from_scaled():
+    x, y = make_data(0)
+    kw = dict(intra_weight=0.0, c2c_weight=0.0, c2p_weight=1.0)
+    printed = car_loss(x, y, K, c2p_energy="printed", **kw)
+    ref = ref_paper(x, y, K, w=(0.0, 0.0, 1.0), energy="printed")
+    check_against(printed, ref, x, lambda z: car_loss(z, y, K, c2p_energy="printed", **kw),
+                  lambda z: ref_paper(z, y, K, w=(0.0, 0.0, 1.0), energy="printed"))
+    scaled = car_loss(x, y, K, **kw)
+    assert abs(float(printed.loss) - float(scaled.loss)) > 1e-4
+    with pytest.raises(ValueError, match="c2p_energy"):
+        car_loss(x, y, K, c2p_energy="raw")
+    with pytest.raises(ValueError, match="c2p_energy"):
+        CARLoss(K, variant="released", c2p_energy="printed")
 
 
 def test_paper_single_class_batch():
@@ -332,10 +350,13 @@ def test_gradcheck_paper():
     g = torch.Generator().manual_seed(11)
     x = torch.randn(14, 3, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0, 1, 2, IGN, 0, 1, 1, 2, IGN, 0, 2])
-    assert torch.autograd.gradcheck(lambda z: car_loss(z, y, 4).loss, (x,))
+    # the default c2p stops the gradient through the centres (finite differences move them):
+    # the printed c2p for the whole loss, and the default without c2p (c2p checked against the loop)
+    assert torch.autograd.gradcheck(lambda z: car_loss(z, y, 4, c2p_energy="printed").loss, (x,))
+    assert torch.autograd.gradcheck(lambda z: car_loss(z, y, 4, c2p_weight=0.0).loss, (x,))
     x4 = torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     y4 = torch.tensor([[[0, 1, 2], [1, IGN, 0], [2, 2, 1]]])
-    assert torch.autograd.gradcheck(lambda z: car_loss(z, y4, 3).loss, (x4,))
+    assert torch.autograd.gradcheck(lambda z: car_loss(z, y4, 3, c2p_energy="printed").loss, (x4,))
 
 
 def test_gradcheck_released_fixed_centres():

@@ -61,7 +61,7 @@ def coi_list(K, bg):
     return [k for k in range(K) if k != bg]
 
 
-def ref_loss(features, labels, centres, mask, *, bg=0, alpha=0.1, beta=1e-4, margin=1.0,
+def ref_loss(features, labels, centres, mask, *, bg=0, alpha=0.01, beta=0.1, margin=1.0,
              distance="squared_euclidean", normalize=True):
     """Returns (alpha * L_compact, beta * L_background) in float64, differentiable."""
     K = centres.shape[0] + 1
