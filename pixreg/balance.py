@@ -17,7 +17,8 @@ This module measures that balance and acts on it:
   ``balance_every`` training steps with ``torch.autograd.grad`` on the retained graph
   (a partial backward from the losses down to ``X`` only, not into the backbone) and
   reports ``terms["ratio/<name>"]``.
-* :class:`AutoWeight`: ``Term(loss, loss_weight="auto", target_ratio=0.1)``: during a
+* :class:`AutoWeight`: ``Term(loss, loss_weight="auto", target_ratio=0.1)`` (default 0.1
+  for a term on features, 2.0 for a logits-only term): during a
   calibration window after the warm-up the weight is ``target * sum(|g_ce|) /
   sum(|g_reg|)`` (sums of the measured norms at unit weight, all-reduced: the same
   weight on every process), then frozen; the state is in buffers (``state_dict``), so a
@@ -49,7 +50,7 @@ Example (a plain loop)::
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -57,14 +58,22 @@ from torch import nn
 from .distributed import all_reduce_sum_no_grad
 
 __all__ = [
-    "DEFAULT_TARGET_RATIO", "DEFAULT_CALIBRATION_STEPS", "DEFAULT_BALANCE_EVERY",
+    "DEFAULT_TARGET_RATIO", "DEFAULT_LOGITS_TARGET_RATIO", "DEFAULT_MAX_RATIO", "DEFAULT_LOGITS_MAX_RATIO",
+    "DEFAULT_CALIBRATION_STEPS", "DEFAULT_BALANCE_EVERY",
     "gradient_norm", "gradient_ratio", "AutoWeight", "CollapseGuard", "centre_cosine",
 ]
 
-#: Target gradient ratio of ``loss_weight="auto"``: the largest ratio at which every
-#: regularizer kept cross-entropy's mIoU in the measurements of issue 13 (scenes data,
-#: 500-800 steps, 3 seeds): C+1 and CAR collapsed at median ratios 0.75 and 7.
+#: Target gradient ratio of ``loss_weight="auto"`` for a term on features: the largest ratio
+#: at which every feature regularizer kept cross-entropy's mIoU in the measurements of
+#: issue 13 (scenes data, 500-800 steps, 3 seeds): C+1 and CAR collapsed at median
+#: ratios 0.75 and 7.
 DEFAULT_TARGET_RATIO = 0.1
+#: Target for a logits-only term (LALL), whose ratio is taken at the logits: LALL at its
+#: default weight runs at 2.2-2.7 on scenes (issue 13 acceptance logs) and beats CE there.
+DEFAULT_LOGITS_TARGET_RATIO = 2.0
+#: :class:`CollapseGuard` warns above these ratios (5x the targets).
+DEFAULT_MAX_RATIO = 0.5
+DEFAULT_LOGITS_MAX_RATIO = 10.0
 #: Measured steps (after the warm-up) that set an automatic weight.
 DEFAULT_CALIBRATION_STEPS = 50
 #: How often (training steps) :class:`pixreg.RegularizedCriterion` measures the ratios.
@@ -170,7 +179,9 @@ class CollapseGuard:
             at least two classes.
         patience: consecutive such checked batches that make a sustained collapse.
         check_every: check the predictions every this many steps (one host read).
-        max_ratio: warn when a term's gradient ratio (``terms["ratio/<name>"]``) exceeds it.
+        max_ratio: warn when a term's gradient ratio (``terms["ratio/<name>"]``) exceeds it;
+            a number, or ``{name: threshold}`` (terms not listed: :data:`DEFAULT_MAX_RATIO`).
+            :meth:`for_criterion` uses 0.5 for feature terms and 10 for logits-only terms.
         max_centre_cosine: warn when C+1's centres' mean cosine (``terms["centre_cos/<name>"]``)
             exceeds it (they have merged).
         class_names: optional names for the messages.
@@ -181,13 +192,14 @@ class CollapseGuard:
     """
 
     def __init__(self, *, start_step: int = 0, single_class_share: float = 0.99, patience: int = 5,
-                 check_every: int = 10, max_ratio: float = 1.0, max_centre_cosine: float = 0.95,
+                 check_every: int = 10, max_ratio: Union[float, Mapping[str, float]] = DEFAULT_MAX_RATIO,
+                 max_centre_cosine: float = 0.95,
                  class_names: Optional[Sequence[str]] = None, ignore_index: int = 255) -> None:
         self.start_step = int(start_step)
         self.single_class_share = float(single_class_share)
         self.patience = int(patience)
         self.check_every = max(int(check_every), 1)
-        self.max_ratio = float(max_ratio)
+        self.max_ratio = dict(max_ratio) if isinstance(max_ratio, Mapping) else float(max_ratio)
         self.max_centre_cosine = float(max_centre_cosine)
         self.class_names = list(class_names) if class_names else None
         self.ignore_index = int(ignore_index)
@@ -197,6 +209,21 @@ class CollapseGuard:
         self._run_class: Optional[int] = None
         self._warned: set = set()
         self._last_ratios: Dict[str, float] = {}
+
+    @classmethod
+    def for_criterion(cls, criterion, **kwargs) -> "CollapseGuard":
+        """A guard for a :class:`pixreg.RegularizedCriterion`: starts after the longest warm-up,
+        ratio thresholds by where each term's ratio is taken (features or logits)."""
+        kwargs.setdefault("start_step", max([s.warmup for s in criterion.specs.values()] + [0]))
+        kwargs.setdefault("max_ratio", {n: DEFAULT_LOGITS_MAX_RATIO if criterion.ratio_at(n) == "logits" else DEFAULT_MAX_RATIO
+                                        for n in criterion.specs})
+        kwargs.setdefault("ignore_index", criterion.ignore_index)
+        return cls(**kwargs)
+
+    def _limit(self, name: str) -> float:
+        if isinstance(self.max_ratio, dict):
+            return float(self.max_ratio.get(name, DEFAULT_MAX_RATIO))
+        return self.max_ratio
 
     def _name(self, k: int) -> str:
         if self.class_names and 0 <= k < len(self.class_names):
@@ -216,11 +243,12 @@ class CollapseGuard:
             if key.startswith("ratio/"):
                 name, r = key[len("ratio/"):], float(val)
                 self._last_ratios[name] = r
-                if r > self.max_ratio:
+                limit = self._limit(name)
+                if r > limit:
                     out += self._emit(key, {
                         "kind": "ratio", "term": name, "step": step, "ratio": r,
                         "message": (f"regularizer '{name}': its gradient at its features is {r:.3g}x cross-entropy's "
-                                    f"at step {step} (threshold {self.max_ratio:g}); it may overpower training. "
+                                    f"at step {step} (threshold {limit:g}); it may overpower training. "
                                     f"Lower its weight or use loss_weight='auto'."),
                     })
             elif key.startswith("centre_cos/"):

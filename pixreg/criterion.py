@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .balance import DEFAULT_BALANCE_EVERY, DEFAULT_CALIBRATION_STEPS, DEFAULT_TARGET_RATIO, AutoWeight, gradient_norm
+from .balance import (
+    DEFAULT_BALANCE_EVERY,
+    DEFAULT_CALIBRATION_STEPS,
+    DEFAULT_LOGITS_TARGET_RATIO,
+    DEFAULT_TARGET_RATIO,
+    AutoWeight,
+    gradient_norm,
+)
 from .distributed import all_reduce_sum, all_reduce_sum_no_grad
 from .hooks import FeatureCapture
 from .losses._common import check_floating, check_labels, check_same_device
@@ -53,8 +60,9 @@ class Term:
             1x1 conv for CAR or C+1). It is a *side branch* owned by the criterion: the
             model's classifier never sees its output (CAR's paper instead puts a 1x1 conv
             *in* the model's head, e.g. ``fcn_resnet(head_kernel=1)``).
-        target_ratio, calibration_steps: for ``loss_weight="auto"`` (defaults 0.1 and 50:
-            the measurements in :mod:`pixreg.balance`).
+        target_ratio, calibration_steps: for ``loss_weight="auto"``: default ratio 0.1 for
+            a term on features, 2.0 for a logits-only term (LALL); 50 steps (the
+            measurements in :mod:`pixreg.balance`).
         weight: deprecated alias of ``loss_weight``.
     """
 
@@ -63,7 +71,7 @@ class Term:
     warmup: int = 0
     layer: Optional[str] = None
     projection: Optional[nn.Module] = None
-    target_ratio: float = DEFAULT_TARGET_RATIO
+    target_ratio: Optional[float] = None
     calibration_steps: int = DEFAULT_CALIBRATION_STEPS
     weight: Optional[float] = None
 
@@ -154,7 +162,10 @@ class RegularizedCriterion(nn.Module):
             if spec.auto:
                 if not self.ce_weight:
                     raise ValueError(f"`regularizers[{name!r}]`: loss_weight='auto' balances against CE; ce_weight is 0")
-                self.balance[name] = AutoWeight(spec.target_ratio, spec.calibration_steps)
+                target = spec.target_ratio
+                if target is None:
+                    target = DEFAULT_LOGITS_TARGET_RATIO if self.ratio_at(name) == "logits" else DEFAULT_TARGET_RATIO
+                self.balance[name] = AutoWeight(target, spec.calibration_steps)
         self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
@@ -203,6 +214,10 @@ class RegularizedCriterion(nn.Module):
         denom = all_reduce_sum_no_grad(denom.to(total.dtype))
         return total / denom.clamp(min=1e-12) if w is not None else total / denom.clamp(min=1)
 
+    def ratio_at(self, name: str) -> str:
+        """Where term ``name``'s gradient ratio is taken: ``"features"`` or ``"logits"``."""
+        return "features" if self.losses[name].uses_features else "logits"
+
     def _weight(self, name: str) -> Union[float, torch.Tensor]:
         if name in self.balance:
             return self.balance[name].weight.float()
@@ -223,7 +238,7 @@ class RegularizedCriterion(nn.Module):
         ce_norms: Dict[int, torch.Tensor] = {}
         for name, raw in raw_values.items():
             spec, loss_mod = self.specs[name], self.losses[name]
-            x = self._raw_features(name, spec, features) if loss_mod.uses_features else logits
+            x = self._raw_features(name, spec, features) if self.ratio_at(name) == "features" else logits
             if id(x) not in ce_norms:
                 ce_norms[id(x)] = gradient_norm(self.ce_weight * ce, [x])
             ce_norm, raw_norm = ce_norms[id(x)], gradient_norm(raw, [x])

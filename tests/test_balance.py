@@ -288,3 +288,17 @@ def test_cplus1_centre_cosine_logged():
     ref = sum(float(c[i] @ c[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
     assert float(out.terms["centre_cos/cplus1"]) == pytest.approx(ref, rel=1e-5)
     assert math.isnan(float(centre_cosine(torch.ones(1, 3))))
+
+
+def test_defaults_by_where_the_ratio_is_taken():
+    crit = pixreg.RegularizedCriterion({
+        "car": pixreg.Term(pixreg.CARLoss(K), loss_weight="auto"),
+        "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), loss_weight="auto"),
+        "lall2": pixreg.Term(pixreg.LocallyAdaptiveLoss(), loss_weight="auto", target_ratio=0.5),
+    })
+    assert crit.ratio_at("car") == "features" and crit.ratio_at("lall") == "logits"
+    assert crit.balance["car"].target_ratio == 0.1 and crit.balance["lall"].target_ratio == 2.0
+    assert crit.balance["lall2"].target_ratio == 0.5
+    guard = CollapseGuard.for_criterion(crit)
+    assert guard.update(0, {"ratio/lall": torch.tensor(3.0)}) == []
+    assert len(guard.update(0, {"ratio/car": torch.tensor(0.6)})) == 1

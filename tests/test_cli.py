@@ -62,7 +62,7 @@ def test_camvid_yaml_resolves_without_scenes_options():
 def test_overrides_are_yaml_and_checked():
     cfg = resolve_config(None, ["train.lr=0.5", "data.size=[40, 48]", "methods.car.eps0=0.3", "model.opts.width=8"])
     assert cfg["train"]["lr"] == 0.5 and cfg["data"]["size"] == [40, 48]
-    assert cfg["methods"]["car"] == {"weight": 1.0, "warmup": 0, "eps0": 0.3}
+    assert cfg["methods"]["car"] == {"weight": 0.1, "warmup": 0, "eps0": 0.3}
     assert cfg["model"]["opts"]["width"] == 8 and cfg["model"]["opts"]["depth"] == DEFAULTS["model"]["opts"]["depth"]
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     with pytest.raises(KeyError, match="train.lrr"):
@@ -106,7 +106,12 @@ def test_build_criterion_every_method_and_combination():
         out.total.backward()
         wrapped.unwrap()
     crit, _ = build_criterion("lall", model, num_classes=4, options={"lall": {"weight": 0.5, "warmup": 3}})
-    assert crit.specs["lall"].weight == 0.5 and crit.specs["lall"].warmup == 3
+    assert crit.specs["lall"].loss_weight == 0.5 and crit.specs["lall"].warmup == 3
+    crit, _ = build_criterion("car", model, num_classes=4,
+                              options={"car": {"weight": "auto", "target_ratio": 0.05, "calibration_steps": 7}})
+    assert crit.specs["car"].auto and crit.balance["car"].target_ratio == 0.05 and crit.balance["car"].calibration_steps == 7
+    with pytest.raises(ValueError, match="weight: auto"):
+        build_criterion("car", model, num_classes=4, options={"car": {"weight": 0.1, "target_ratio": 0.05}})
 
 
 def test_build_criterion_fills_model_and_dataset_attributes():

@@ -156,3 +156,24 @@ def test_verdict_words():
     v = verdict(paired_interval([1.0, -1.0, 0.5], [0.0, 0.0, 0.0]))
     assert v.startswith("not distinguishable from zero") and "3 seeds" in v
     assert "cannot tell" in verdict(paired_interval([1.0], [0.0]))
+
+
+def test_degenerate_runs_are_flagged():
+    def run(ious, guard=None):
+        m = {"class_names": ["bg", "a", "b"], "train_time_s": 1.0,
+             "splits": {"test": {"mIoU": sum(ious) / 3, "per_class_iou": dict(zip(["bg", "a", "b"], ious))}}}
+        if guard is not None:
+            m["collapse_guard"] = guard
+        return m
+
+    ratio = {"degenerate": False, "warnings": [{"kind": "ratio", "term": "car", "step": 50, "ratio": 7.0}]}
+    runs = {"ce": {0: run([90.0, 40.0, 30.0]), 1: run([91.0, 41.0, 35.0])},
+            "car": {0: run([80.0, 0.5, 0.0]), 1: run([85.0, 20.0, 10.0], ratio)}}
+    s = summarize(runs, [0, 1], ["ce", "car"])
+    assert s["degenerate"] == {"car": ["0"]}
+    assert s["flags"]["car"]["0"] == ["predicts one class on test"] and "gradient ratio 7" in s["flags"]["car"]["1"][0]
+    md = render_markdown(s)
+    assert "- `car` seed 0 (**degenerate**): predicts one class on test" in md
+    assert "- `car` seed 1 (warning):" in md
+    healthy = summarize({"ce": runs["ce"]}, [0, 1], ["ce"])
+    assert healthy["degenerate"] == {} and "Degenerate runs: none" in render_markdown(healthy)

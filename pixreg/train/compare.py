@@ -95,6 +95,31 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
         dist_utils.teardown(ctx)
 
 
+def degenerate_reasons(metrics: Mapping[str, Any]) -> List[str]:
+    """Why a finished run is degenerate (empty list: it is not).
+
+    * every class but one has an IoU below 1 % on a split: the model predicts one class
+      (the rule of ``benchmarks/claims.py``);
+    * the collapse guard saw a sustained single-class prediction on training batches;
+    * the guard's other warnings (a regularizer's gradient ratio above its threshold,
+      merged C+1 centres) are listed too, as warnings.
+    """
+    out: List[str] = []
+    for split, m in (metrics.get("splits") or {}).items():
+        ious = sorted(v for v in (m.get("per_class_iou") or {}).values() if v == v)
+        if len(ious) > 1 and ious[-2] < 1.0:
+            out.append(f"predicts one class on {split}")
+    guard = metrics.get("collapse_guard") or {}
+    for ev in guard.get("warnings", []):
+        if ev.get("kind") == "single_class":
+            out.append(f"training collapsed to class {ev.get('class')} at step {ev.get('step')}")
+        elif ev.get("kind") == "ratio":
+            out.append(f"warning: '{ev.get('term')}' gradient ratio {float(ev.get('ratio', 0)):.3g} at step {ev.get('step')}")
+        elif ev.get("kind") == "centres_merged":
+            out.append(f"warning: '{ev.get('term')}' centres merged (cosine {float(ev.get('cosine', 0)):.3f}) at step {ev.get('step')}")
+    return out
+
+
 def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequence[int], methods: Sequence[str]) -> Dict[str, Any]:
     """Per split, metric and method: values per seed, mean/std, paired difference to the baseline."""
     baseline = "ce" if "ce" in methods else methods[0]
@@ -124,7 +149,27 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequen
             entry["train_time_s"] = mean_std([runs[me][s].get("train_time_s") for s in seeds])
             per_split["methods"][me] = entry
         out["splits"][split] = per_split
+    flags = {me: {str(s): degenerate_reasons(runs[me][s]) for s in seeds} for me in methods}
+    out["flags"] = {me: {s: r for s, r in v.items() if r} for me, v in flags.items() if any(v.values())}
+    out["degenerate"] = {me: [s for s, r in v.items() if any(not x.startswith("warning") for x in r)]
+                         for me, v in flags.items()}
+    out["degenerate"] = {me: v for me, v in out["degenerate"].items() if v}
     return out
+
+
+def _flag_lines(summary: Mapping[str, Any]) -> List[str]:
+    flags = summary.get("flags") or {}
+    if not flags:
+        return ["Degenerate runs: none (no run predicts a single class; no collapse-guard warning).", ""]
+    lines = ["## Degenerate runs and warnings", "",
+             "A degenerate run (a model that predicts one class) says nothing about the method's effect; "
+             "its numbers are in the tables below but should not be trusted.", ""]
+    for me, per_seed in flags.items():
+        for s, reasons in per_seed.items():
+            tag = "**degenerate**" if s in (summary.get("degenerate") or {}).get(me, []) else "warning"
+            lines.append(f"- `{me}` seed {s} ({tag}): " + "; ".join(reasons))
+    lines.append("")
+    return lines
 
 
 def _num(v: Optional[float], nd: int = 2) -> str:
@@ -139,6 +184,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                  "bg→CoI / distractor→CoI: share of background / distractor pixels predicted as a class of interest (lower is better).")
     lines.append(f"Δ vs `{base}`: {summary['interval']}" + (" (n/a with one seed)." if len(seeds) < 2 else "."))
     lines.append("")
+    lines.extend(_flag_lines(summary))
     for split, data in summary["splits"].items():
         metrics = data["metrics"]
         lines.append(f"## {split}")

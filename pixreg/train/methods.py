@@ -17,7 +17,9 @@ rch       ``RCHLoss(num_classes, in_channels=feat_dim, ignore_index=)``
 ========  ==========================================================================
 
 Per-method options (``methods.<name>`` in the YAML): ``weight`` (multiplies the
-regularizer, default 1), ``warmup`` (steps during which it is off, default 0),
+regularizer, default 1; CAR 0.1; ``auto``: set so that the term's gradient at its features
+is ``target_ratio`` (0.1) times CE's during ``calibration_steps`` (50) steps after the
+warm-up, then frozen, see :mod:`pixreg.balance`), ``warmup`` (steps during which it is off, default 0),
 ``layer`` (dotted module name of the feature layer, default ``model.feature_layer``),
 ``projection`` (``null``, ``"conv1x1"`` or ``"conv3x3"``: a training-only conv on the
 features, owned by the criterion, with ``projection_dim`` outputs, default the feature
@@ -57,7 +59,7 @@ METHODS: Dict[str, Tuple[str, str]] = {
 _PROJECTION_KERNELS = {"conv1x1": 1, "conv3x3": 3}
 
 #: Keys of ``methods.<name>`` that configure the term, not the loss constructor.
-RESERVED = ("weight", "warmup", "layer", "projection", "projection_dim", "loss_weight")
+RESERVED = ("weight", "warmup", "layer", "projection", "projection_dim", "loss_weight", "target_ratio", "calibration_steps")
 
 
 def parse_method(spec: str) -> List[str]:
@@ -151,7 +153,11 @@ def build_criterion(
     for name in names:
         opts = dict(options.get(name) or {})
         cls = loss_class(name)
-        weight = float(opts.pop("weight", 1.0))
+        weight = opts.pop("weight", 1.0)
+        weight = "auto" if weight == "auto" else float(weight)
+        auto_opts = {k: opts.pop(k) for k in ("target_ratio", "calibration_steps") if k in opts}
+        if auto_opts and weight != "auto":
+            raise ValueError(f"methods.{name}: {sorted(auto_opts)} only apply with weight: auto")
         warmup = int(opts.pop("warmup", 0))
         layer = opts.pop("layer", None) or default_layer
         projection = opts.pop("projection", None)
@@ -214,6 +220,6 @@ def build_criterion(
             loss = cls(**kwargs)
         except TypeError as err:
             raise ValueError(f"methods.{name}: cannot build {cls.__name__}({kwargs}): {err}") from err
-        terms[name] = Term(loss, weight=weight, warmup=warmup, layer=layer, projection=proj_module)
+        terms[name] = Term(loss, loss_weight=weight, warmup=warmup, layer=layer, projection=proj_module, **auto_opts)
     criterion = RegularizedCriterion(terms, ce_weight=ce_weight, ignore_index=ignore_index)
     return criterion, layers

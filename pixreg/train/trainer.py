@@ -10,7 +10,12 @@ A *run* trains one method with one seed and writes everything into its folder::
     RUN/checkpoints/last.pt    every train.ckpt_every steps and at the end (atomic)
     RUN/checkpoints/best.pt    the best validation mIoU so far (validation every
                                train.eval_every steps and at the end)
-    RUN/metrics.json           final metrics of the last model on the val and test splits
+    RUN/metrics.json           final metrics of the last model on the val and test splits, and
+                               the collapse guard's warnings (``collapse_guard``, docs/balance.md)
+
+``log.csv`` and TensorBoard also get ``ratio/<term>`` (gradient ratio to CE at the term's
+features) every ``train.balance_every`` steps, ``weight/<term>`` for ``weight: auto`` terms
+and ``centre_cos/cplus1`` (see :mod:`pixreg.balance`).
 
 Determinism and resuming: the model is initialised right after ``torch.manual_seed(seed)``
 (so every method starts from the same weights for a seed), the data order is a function
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..balance import CollapseGuard
 from ..criterion import RegularizedCriterion, RegularizedModel
 from ..distributed import all_reduce_sum_no_grad, convert_global_batchnorm
 from . import dist as dist_utils
@@ -395,6 +401,10 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     num_classes, ignore_index = int(train_ds.num_classes), int(train_ds.ignore_index)
     background_index = getattr(train_ds, "background_index", None)
     model, criterion, layers = build_run(cfg, num_classes, ignore_index, background_index, device)
+    criterion.balance_every = int(t_cfg.get("balance_every", criterion.balance_every) or 0)
+    guard = None
+    if t_cfg.get("collapse_guard", True):
+        guard = CollapseGuard.for_criterion(criterion, class_names=getattr(train_ds, "class_names", None))
     if t_cfg["sync_bn"] and ctx.distributed:
         if device.type == "cpu":  # torch's SyncBatchNorm refuses CPU tensors: pixreg's all-reduce BatchNorm
             model = convert_global_batchnorm(model)
@@ -549,7 +559,7 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
             labels = batch[1].to(device, non_blocking=True)
             lr = float(optimizer.param_groups[0]["lr"])
             with _amp_context(bool(t_cfg["amp"]), device):
-                _, total, terms = runner(images, labels)
+                logits, total, terms = runner(images, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             if grad_clip:
@@ -559,6 +569,10 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
             scaler.update()
             scheduler.step()
             step += 1
+            if guard is not None:
+                for msg in guard.update(step, terms, logits.detach(), labels):
+                    if ctx.is_main:
+                        log(f"warning: {msg}")
             # every process keeps its terms; flush() averages them over processes
             pending.append((step, (step * int(t_cfg["batch_size"]) - 1) // len(train_ds), lr, terms, total.detach()))
             if step % log_every == 0 or step == total_steps:
@@ -600,6 +614,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         "threads": torch.get_num_threads(), "train_time_s": round(train_time, 2), "eval_time_s": round(eval_time, 2),
         "resumed_from": start_step if ckpt is not None else None, "best": best, "splits": results,
     }
+    if guard is not None:  # warnings of this process's steps (a resumed run: since the resume)
+        metrics["collapse_guard"] = guard.summary()
     if ctx.is_main:
         write_json(metrics, os.path.join(run_dir, "metrics.json"))
     if writer is not None:
