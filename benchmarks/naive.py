@@ -22,7 +22,7 @@ def _flat(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return features.permute(0, 2, 3, 1).reshape(-1, d), y.reshape(-1)
 
 
-def naive_cplus1(features, labels, centres, *, alpha=0.1, beta=1e-4, margin=1.0, background_index=0,
+def naive_cplus1(features, labels, centres, *, alpha=0.01, beta=0.1, margin=1.0, background_index=0,
                  ignore_index=255):
     """C+1 (squared Euclidean, normalised features, all CoIs with a centre), loops over classes."""
     f, y = _flat(features, labels)
@@ -44,8 +44,9 @@ def naive_cplus1(features, labels, centres, *, alpha=0.1, beta=1e-4, margin=1.0,
     return alpha * compact / max(n_compact, 1) + beta * background
 
 
-def naive_car(features, labels, num_classes, *, eps0=0.5, eps1=0.25, ignore_index=255):
-    """CAR, paper variant (threshold over present classes), loops over classes."""
+def naive_car(features, labels, num_classes, *, eps0=0.5, eps1=0.25, ignore_index=255, printed=False):
+    """CAR, paper variant (threshold over present classes), loops over classes; c2p energies
+    ``x . sg(mu) / sqrt(D)`` (the default), or the printed ``x . mu`` with ``printed=True``."""
     f, y = _flat(features, labels)
     n, d = f.shape
     present = [k for k in range(num_classes) if bool((y == k).any())]
@@ -58,10 +59,12 @@ def naive_car(features, labels, num_classes, *, eps0=0.5, eps1=0.25, ignore_inde
     r = (torch.relu(a - eps0 / denom) * off).sum(1)
     c2c = (r * r).mean()
     c2p = f.new_zeros(())
+    m, scale = (mu, 1.0) if printed else (mu.detach(), math.sqrt(d))
     for i, k in enumerate(present):
         xk = f[y == k]
-        energy = xk @ mu.t()
-        energy = torch.cat([energy[:, :i], (mu[i] * mu[i]).sum().expand(xk.shape[0], 1), energy[:, i + 1:]], 1)
+        energy = xk @ m.t() / scale
+        own = (m[i] * m[i]).sum() / scale
+        energy = torch.cat([energy[:, :i], own.expand(xk.shape[0], 1), energy[:, i + 1:]], 1)
         s = (torch.relu(torch.softmax(energy, dim=1) - eps1 / denom) * off[i]).sum(1)
         c2p = c2p + (s * s).sum()
     return intra + c2c + c2p / n_valid

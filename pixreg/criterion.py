@@ -59,7 +59,7 @@ class Term:
         projection: optional training-only module applied to the features first (e.g. a
             1x1 conv for CAR or C+1). It is a *side branch* owned by the criterion: the
             model's classifier never sees its output (CAR's paper instead puts a 1x1 conv
-            *in* the model's head, e.g. ``fcn_resnet(head_kernel=1)``).
+            *in* the model's head: the built-in models' ``head_last_kernel=1``).
         target_ratio, calibration_steps: for ``loss_weight="auto"``: default ratio 0.1 for
             a term on features, 2.0 for a logits-only term (LALL); 50 steps (the
             measurements in :mod:`pixreg.balance`).
@@ -246,7 +246,8 @@ class RegularizedCriterion(nn.Module):
                 self.balance[name].update(ce_norm, raw_norm)
                 out[f"weight/{name}"] = self.balance[name].weight.float().clone()
             ratio = float(self._weight(name)) * raw_norm / ce_norm.clamp_min(1e-300)
-            out[f"ratio/{name}"] = torch.where(ce_norm > 0, ratio, torch.full_like(ratio, math.inf)).float()
+            undefined = torch.full_like(ratio, math.inf if float(raw_norm) > 0 else math.nan)  # CE's gradient is 0 there
+            out[f"ratio/{name}"] = torch.where(ce_norm > 0, ratio, undefined).float()
             if hasattr(loss_mod, "centre_similarity"):
                 out[f"centre_cos/{name}"] = loss_mod.centre_similarity().float()
         return out

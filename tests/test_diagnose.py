@@ -185,6 +185,10 @@ def test_diagnose_writes_every_file(report):
         assert (rows[c]["ce"] == "" and v is None) or float(rows[c]["ce"]) == pytest.approx(v, abs=1e-3)
     groups = {r["group"] for r in csv.DictReader(open(report / "background_distance.csv"))}
     assert {"classes of interest", "background", "distractors, seen kinds", "distractors, unseen kinds"} <= groups
+    # gradient balance columns of log.csv (measured at step 0) are plotted; flags come from metrics.json
+    keys = {(r["run"], r["key"]) for r in csv.DictReader(open(report / "curves.csv"))}
+    assert {("cplus1_rch", "ratio/cplus1"), ("cplus1_rch", "ratio/rch"), ("cplus1_rch", "centre_cos/cplus1")} <= keys
+    assert all(isinstance(r["flags"], list) for r in summary["runs"])
     tsne = list(csv.DictReader(open(report / "tsne.csv")))
     assert len(tsne) <= 2 * 30 * 5 and {r["run"] for r in tsne} == {"ce", "cplus1_rch"}
     assert any(r["distractor"] == "1" for r in tsne)

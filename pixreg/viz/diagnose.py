@@ -83,7 +83,9 @@ def _write_csv(rows: List[Dict[str, Any]], path: str, fields: Optional[List[str]
 
 
 def read_curves(run_dir: str) -> Dict[str, np.ndarray]:
-    """``{"step": ..., "loss": ..., "ce": ..., "<regularizer>": ...}`` from ``log.csv`` (top-level terms)."""
+    """``{"step": ..., "loss": ..., "ce": ..., "<regularizer>": ...}`` from ``log.csv`` (top-level terms),
+    plus the sparse gradient-balance columns ``ratio/<term>`` and ``centre_cos/<term>`` (NaN
+    on the steps where they were not measured; see :mod:`pixreg.balance`)."""
     path = os.path.join(run_dir, "log.csv")
     if not os.path.exists(path):
         return {}
@@ -91,11 +93,27 @@ def read_curves(run_dir: str) -> Dict[str, np.ndarray]:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
-    keys = [k for k in rows[0] if k not in ("step", "epoch", "lr", "time_s") and "/" not in k]
+    keys = [k for k in rows[0] if k not in ("step", "epoch", "lr", "time_s") and ("/" not in k or k.startswith(SPARSE_KEYS))]
     out = {"step": np.array([int(r["step"]) for r in rows])}
     for k in keys:
         out[k] = np.array([float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows])
     return out
+
+
+#: log.csv columns measured every few steps only (plotted as points, not smoothed).
+SPARSE_KEYS = ("ratio/", "centre_cos/")
+
+
+def run_flags(run_dir: str) -> List[str]:
+    """Why a run is degenerate or was warned about (from its ``metrics.json``; see
+    :func:`pixreg.train.compare.degenerate_reasons`); empty when healthy or unfinished."""
+    from ..train.compare import degenerate_reasons
+
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return degenerate_reasons(json.load(f))
 
 
 def _smooth(v: np.ndarray) -> np.ndarray:
@@ -206,7 +224,7 @@ def _curves(runs: List[LoadedRun], out: str) -> Dict[str, Dict[str, np.ndarray]]
         for k, v in c.items():
             if k == "step":
                 continue
-            sm = _smooth(v)
+            sm = v if k.startswith(SPARSE_KEYS) else _smooth(v)
             rows += [{"run": run.label, "step": int(s), "key": k, "value": float(a), "smoothed": float(b)}
                      for s, a, b in zip(c["step"], v, sm)]
     _write_csv(rows, os.path.join(out, "curves.csv"), ["run", "step", "key", "value", "smoothed"])
@@ -364,6 +382,7 @@ def diagnose(run_dirs: Sequence[str], out: str, *, split: Optional[str] = None, 
                      "examples": examples, "seed": seed},
         "runs": [{"label": r.label, "run_dir": os.path.abspath(r.run_dir), "method": r.method, "step": r.step,
                   "checkpoint": r.checkpoint, "embedding_for_calibration": embedding_source(r),
+                  "flags": run_flags(r.run_dir),
                   "feature_layer": r.model.feature_layer, "feature_dim": results[r.label].stats.dim,
                   "sampled_pixels": len(results[r.label].features),
                   "splits": {s: {m: v for m, v in res.metrics.items() if not isinstance(v, dict)} for s, res in by_run[r.label].items()}}

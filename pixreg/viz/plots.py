@@ -144,12 +144,17 @@ def training_curves(curves: Dict[str, Dict[str, np.ndarray]], smooth):
     fig, axes = _grid(max(len(keys), 1), width=3.6, height=3.0)
     for j, key in enumerate(keys):
         ax = axes[0, j]
+        sparse = key.startswith(("ratio/", "centre_cos/"))  # measured every few steps
         for r, c in curves.items():
             if key in c and np.isfinite(c[key]).any():
-                ax.plot(c["step"], smooth(c[key]), label=r, linewidth=1.2)
-        ax.set_title(key, fontsize=9)
+                if sparse:
+                    ok = np.isfinite(c[key])
+                    ax.plot(c["step"][ok], c[key][ok], label=r, linewidth=1.0, marker=".")
+                else:
+                    ax.plot(c["step"], smooth(c[key]), label=r, linewidth=1.2)
+        ax.set_title(key + (" (gradient norm / CE's)" if key.startswith("ratio/") else ""), fontsize=9)
         ax.set_xlabel("step")
-        if key in ("loss", "ce"):
+        if key in ("loss", "ce") or key.startswith("ratio/"):
             ax.set_yscale("log")
     if keys:
         axes[0, 0].legend(fontsize=7)

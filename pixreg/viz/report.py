@@ -35,7 +35,10 @@ DESCRIPTIONS = {
         "logit_hist.csv"),
     "per_class_iou": ("Per-class IoU (%) of the runs on the split (dataset-level confusion matrix).", "per_class_iou.csv"),
     "training_curves": ("Training loss, cross-entropy and each regularizer's weighted term from the runs' log.csv "
-                        "(moving average).", "curves.csv"),
+                        "(moving average); ratio/<term>: the norm of the term's gradient at its features (LALL: "
+                        "logits) over cross-entropy's at the same tensor, measured every train.balance_every steps "
+                        "(a regularizer above about 0.1 at the features overpowered CE in issue 13's measurements); "
+                        "centre_cos/<term>: mean cosine between C+1's class centres (near 1: merged).", "curves.csv"),
     "background_distance": (
         "C+1 data: distance (sqrt(2 - 2 cos), in [0, 2]) of L2-normalised pixel features to the nearest "
         "class-of-interest centre (centres: the class means of the seen split). Classes of interest are the "
@@ -90,6 +93,10 @@ def write_report(out: str, summary: Dict[str, Any], name: str = "report.html") -
         emb = "RCH head" if r["embedding_for_calibration"] == "rch_head" else "model features (no RCH head in this run)"
         rows.append([r["label"], r["method"], r["step"], r["feature_layer"], r["feature_dim"]] + [m.get(k) for k in metric_keys] + [emb])
     parts.append("<h2>Runs</h2>" + _table(["run", "method", "step", "feature layer", "D"] + metric_keys + ["phi/psi embedding"], rows))
+    for r in runs:
+        if r.get("flags"):
+            parts.append(f"<p class='note'><b>{html.escape(r['label'])}: degenerate or warned run</b> — "
+                         + html.escape("; ".join(r["flags"])) + "</p>")
     for r in runs:
         for split, m in r["splits"].items():
             if split != summary["split"]:
