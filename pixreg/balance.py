@@ -193,7 +193,7 @@ class CollapseGuard:
 
     def __init__(self, *, start_step: int = 0, single_class_share: float = 0.99, patience: int = 5,
                  check_every: int = 10, max_ratio: Union[float, Mapping[str, float]] = DEFAULT_MAX_RATIO,
-                 max_centre_cosine: float = 0.95,
+                 max_centre_cosine: float = 0.99,
                  class_names: Optional[Sequence[str]] = None, ignore_index: int = 255) -> None:
         self.start_step = int(start_step)
         self.single_class_share = float(single_class_share)

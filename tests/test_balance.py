@@ -146,7 +146,7 @@ def train_toy(steps: int, *, state=None, target=0.1, calib=10, lr=0.02):
 
 
 def test_auto_weight_reaches_target_ratio():
-    _, ratios, crit = train_toy(32, target=0.1, calib=10)
+    _, ratios, crit = train_toy(24, target=0.1, calib=10)
     aw = crit.balance["car"]
     assert bool(aw.frozen) and int(aw.count) == 10 and float(aw.weight) > 0
     assert all(math.isnan(r) for r in ratios[:2])  # warm-up: off, not measured
@@ -156,15 +156,15 @@ def test_auto_weight_reaches_target_ratio():
     assert ((after > 0.1 / 1.5) & (after < 0.1 * 1.5)).all(), after
     assert float(after.mean()) == pytest.approx(0.1, rel=0.15)
     # a planted wrong target would be caught
-    _, ratios3, _ = train_toy(20, target=0.3, calib=10)
+    _, ratios3, _ = train_toy(16, target=0.3, calib=10)
     assert float(torch.tensor(ratios3[12:]).mean()) == pytest.approx(0.3, rel=0.15)
 
 
 def test_auto_weight_resume_equals_uninterrupted():
-    full, ratios_full, crit_full = train_toy(20, calib=10)
+    full, ratios_full, crit_full = train_toy(16, calib=10)
     half, _, _ = train_toy(7, calib=10)  # stopped inside the calibration window
     half = torch.load(_roundtrip(half), weights_only=False)
-    resumed, ratios_res, crit_res = train_toy(20, state=half, calib=10)
+    resumed, ratios_res, crit_res = train_toy(16, state=half, calib=10)
     for k in full["model"]:
         assert torch.equal(full["model"][k], resumed["model"][k]), k
     for k in full["crit"]:

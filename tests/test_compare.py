@@ -218,3 +218,21 @@ def test_degenerate_runs_are_flagged():
     assert "- `car` seed 1 (warning):" in md
     healthy = summarize({"ce": runs["ce"]}, [0, 1], ["ce"])
     assert healthy["degenerate"] == {} and "Degenerate runs: none" in render_markdown(healthy)
+
+
+def test_train_warns_and_records_an_overpowering_term(tmp_path, cache, capsys):
+    # CAR at weight 50: its gradient at the features is far above 0.5x CE's at the first
+    # measured step; pixreg train says so (once), metrics.json keeps it, compare lists it
+    run = tmp_path / "car"
+    assert main(["train", "--method", "car", "--out", str(run), "--no-progress", "--set", "methods.car.weight=50",
+                 "--set", "train.balance_every=2"] + [a for o in tiny(cache) for a in ("--set", o)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("warning: regularizer 'car'") == 1 and "cross-entropy's" in printed
+    metrics = json.load(open(run / "metrics.json"))
+    events = metrics["collapse_guard"]["warnings"]
+    assert events[0]["kind"] == "ratio" and events[0]["term"] == "car" and events[0]["ratio"] > 0.5
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    measured = [r["step"] for r in rows if r.get("ratio/car")]
+    assert measured == ["1", "3", "5"]  # criterion steps 0, 2, 4
+    from pixreg.train.compare import degenerate_reasons
+    assert any("gradient ratio" in r for r in degenerate_reasons(metrics))

@@ -35,7 +35,7 @@ def toy_model():
 
 def test_total_is_ce_plus_weighted_terms_and_terms_named():
     model = toy_model()
-    crit = RegularizedCriterion({"m": Term(MeanSquare(), weight=0.5)})
+    crit = RegularizedCriterion({"m": Term(MeanSquare(), loss_weight=0.5)})
     wrapped = RegularizedModel(model, crit, layers="1")
     x = torch.randn(2, 3, 8, 8)
     y = torch.randint(0, 4, (2, 8, 8))
@@ -47,7 +47,7 @@ def test_total_is_ce_plus_weighted_terms_and_terms_named():
     sq = ((feats ** 2).sum(1) * valid).sum() / valid.sum()
     ce = F.cross_entropy(logits, y, ignore_index=255)
     torch.testing.assert_close(out.total, ce + 0.5 * (sq + 1.0))
-    assert set(out.terms) == {"ce", "m", "m/sq", "m/one"}
+    assert set(out.terms) == {"ce", "m", "m/sq", "m/one", "ratio/m"}  # step 0: gradient balance measured
     torch.testing.assert_close(out.terms["m/sq"], 0.5 * sq.detach())
     assert all(not t.requires_grad for t in out.terms.values())
 

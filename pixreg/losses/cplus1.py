@@ -404,7 +404,7 @@ class CPlus1Loss(Regularizer):
         """Mean pairwise cosine between the CoI centres that exist (NaN with fewer than two).
 
         Near 1 means the centres have merged (logged by :class:`pixreg.RegularizedCriterion`
-        as ``centre_cos/<name>``; :class:`pixreg.balance.CollapseGuard` warns above 0.95).
+        as ``centre_cos/<name>``; :class:`pixreg.balance.CollapseGuard` warns above 0.99).
         """
         if self.centre_mode == "moving_average":
             c, mask = self.centres, self.initialized
