@@ -61,6 +61,7 @@ DEFAULTS: Dict[str, Any] = {
         "val_split": "val",
         "test_splits": ["test", "test_openset"],  # evaluated at the end of training, written to metrics.json
         "num_workers": 0,
+        "check": True,  # read every sample once before training (pixreg.data.preflight); false: skip
         "opts": {"digits": [0, 1, 2, 3, 4]},  # extra keyword options of pixreg.data.build_dataset
     },
     "model": {
