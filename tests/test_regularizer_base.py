@@ -153,9 +153,6 @@ def test_term_and_criterion_refuse_bad_numbers():
     for bad in ([1.0, NAN, 1.0, 1.0], [1.0, -1.0, 1.0, 1.0], [0.0] * K, [[1.0]]):
         with pytest.raises(ValueError, match="class_weight"):
             RegularizedCriterion({}, class_weight=bad)
-    crit = RegularizedCriterion({}, class_weight=[1.0, 2.0, 1.0])
-    with pytest.raises(ValueError, match="class_weight"):
-        crit(torch.randn(1, K, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("name", sorted(REGULARIZERS))

@@ -51,6 +51,7 @@ from ._common import (
     no_autocast,
     renamed,
     resize_bilinear,
+    to_parameter_dtype,
 )
 from .base import LossOutput, Regularizer
 
@@ -530,6 +531,7 @@ class RCHLoss(Regularizer):
                 f"`features` must have feature_dim={self.feature_dim} channels (dim 1), "
                 f"got shape {tuple(features.shape)}"
             )
+        features = to_parameter_dtype(features, self.head)
         if features.dim() == 4:
             return self.norm(self.head(features))
         out = self.head(features[:, :, None, None])  # 1x1 conv == linear map on flat features
