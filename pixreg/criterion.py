@@ -35,62 +35,86 @@ from .balance import (
 )
 from .distributed import all_reduce_sum, all_reduce_sum_no_grad
 from .hooks import FeatureCapture
-from .losses._common import check_floating, check_labels, check_same_device
+from .losses._common import (
+    check_floating, check_int, check_labels, check_real, check_same_device, renamed, to_parameter_dtype,
+)
 from .losses.base import Regularizer
 
 __all__ = ["Term", "CriterionOutput", "RegularizedCriterion", "RegularizedModel"]
 
 
-@dataclass
+@dataclass(init=False)
 class Term:
     """One regularizer in a :class:`RegularizedCriterion`.
 
     Args:
         loss: the regularizer module.
         loss_weight: multiplies the regularizer's loss (which already includes its own term
-            weights), or ``"auto"``: set during a calibration window (``calibration_steps``
-            measured steps right after the warm-up, the term active at the current estimate)
-            so that the term's gradient at its features is ``target_ratio`` times
-            cross-entropy's, then frozen (see :mod:`pixreg.balance`; saved in ``state_dict``).
+            weights): a finite number >= 0, or ``"auto"``: set during a calibration window
+            (``calibration_steps`` measured steps right after the warm-up, the term active at
+            the current estimate) so that the term's gradient at its features is
+            ``target_ratio`` times cross-entropy's, then frozen (see :mod:`pixreg.balance`;
+            saved in ``state_dict``). ``weight``, its old name, is accepted for one
+            version with a ``DeprecationWarning`` (renamed so that it cannot be taken for
+            torch's per-class ``weight`` tensor; mmsegmentation's name).
         warmup: number of training steps (criterion calls in training mode) during which
-            the term is off: not computed, state not updated, reported as 0.
+            the term is off: not computed, state not updated, reported as 0 (an int >= 0).
         layer: which captured feature layer feeds it (default: the only one, or the
             tensor passed as ``features``).
         projection: optional training-only module applied to the features first (e.g. a
             1x1 conv for CAR or C+1). It is a *side branch* owned by the criterion: the
             model's classifier never sees its output (CAR's paper instead puts a 1x1 conv
             *in* the model's head: the built-in models' ``head_last_kernel=1``).
-        target_ratio, calibration_steps: for ``loss_weight="auto"``: default ratio 0.1 for
-            a term on features, 2.0 for a logits-only term (LALL); 50 steps (the
-            measurements in :mod:`pixreg.balance`).
-        weight: deprecated alias of ``loss_weight``.
+        target_ratio, calibration_steps: for ``loss_weight="auto"`` (keyword-only): default
+            ratio 0.1 for a term on features, 2.0 for a logits-only term (LALL); 50 steps
+            (the measurements in :mod:`pixreg.balance`).
+
+    >>> import pixreg
+    >>> pixreg.Term(pixreg.CARLoss(4), loss_weight=0.5).loss_weight
+    0.5
     """
 
     loss: Regularizer
-    loss_weight: Union[float, str] = 1.0
-    warmup: int = 0
-    layer: Optional[str] = None
-    projection: Optional[nn.Module] = None
-    target_ratio: Optional[float] = None
-    calibration_steps: int = DEFAULT_CALIBRATION_STEPS
-    weight: Optional[float] = None
+    loss_weight: Union[float, str]
+    warmup: int
+    layer: Optional[str]
+    projection: Optional[nn.Module]
+    target_ratio: Optional[float]
+    calibration_steps: int
 
-    def __post_init__(self) -> None:
-        if self.weight is not None:
-            warnings.warn("Term(weight=...) is deprecated; use loss_weight=...", DeprecationWarning, stacklevel=3)
-            self.loss_weight, self.weight = self.weight, None
-        lw = self.loss_weight
-        if isinstance(lw, str):
-            if lw != "auto":
-                raise ValueError(f"`loss_weight` must be a number >= 0 or 'auto', got {lw!r}")
-        elif isinstance(lw, bool) or not isinstance(lw, (int, float)) or not (0 <= lw < math.inf):
-            raise ValueError(f"`loss_weight` must be a finite number >= 0 or 'auto', got {lw!r}")
-        else:
-            self.loss_weight = float(lw)
+    def __init__(
+        self,
+        loss: Regularizer,
+        loss_weight: float = 1.0,
+        warmup: int = 0,
+        layer: Optional[str] = None,
+        projection: Optional[nn.Module] = None,
+        *,
+        target_ratio: Optional[float] = None,
+        calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
+        weight: Optional[float] = None,
+    ) -> None:
+        loss_weight = renamed("Term", "weight", weight, "loss_weight", loss_weight, 1.0)
+        self.loss = loss
+        if isinstance(loss_weight, str) and loss_weight != "auto":
+            raise ValueError(f"`loss_weight` must be a finite number >= 0 or 'auto', got {loss_weight!r}")
+        self.loss_weight = "auto" if loss_weight == "auto" else check_real("loss_weight", loss_weight, lo=0.0)
+        self.warmup = check_int("warmup", warmup, lo=0)
+        self.layer = layer
+        self.projection = projection
+        self.target_ratio = None if target_ratio is None else check_real("target_ratio", target_ratio, lo=0.0, lo_open=True)
+        self.calibration_steps = check_int("calibration_steps", calibration_steps, lo=1)
 
     @property
     def auto(self) -> bool:
+        """Whether the weight is set automatically (``loss_weight="auto"``)."""
         return self.loss_weight == "auto"
+
+    @property
+    def weight(self) -> float:
+        """Deprecated alias of :attr:`loss_weight` (read-only)."""
+        warnings.warn("Term.weight is deprecated; use Term.loss_weight", DeprecationWarning, stacklevel=2)
+        return self.loss_weight
 
 
 class CriterionOutput(NamedTuple):
@@ -105,7 +129,7 @@ class CriterionOutput(NamedTuple):
 
 
 class RegularizedCriterion(nn.Module):
-    """``total = ce_weight * CE(logits, labels) + sum_r weight_r * L_r``.
+    """``total = ce_weight * CE(logits, labels) + sum_r loss_weight_r * L_r``.
 
     Args:
         regularizers: name -> :class:`Term` (or a bare regularizer, weight 1, no warm-up).
@@ -134,12 +158,10 @@ class RegularizedCriterion(nn.Module):
         balance_every: int = DEFAULT_BALANCE_EVERY,
     ) -> None:
         super().__init__()
-        self.ce_weight = float(ce_weight)
-        if isinstance(balance_every, bool) or not isinstance(balance_every, int) or balance_every < 0:
-            raise ValueError(f"`balance_every` must be an int >= 0, got {balance_every!r}")
-        self.balance_every = balance_every
+        self.ce_weight = check_real("ce_weight", ce_weight, lo=0.0)
+        self.balance_every = check_int("balance_every", balance_every, lo=0)
         self.balance = nn.ModuleDict()
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_int("ignore_index", ignore_index)
         self.specs: Dict[str, Term] = {}
         self.losses = nn.ModuleDict()
         self.projections = nn.ModuleDict()
@@ -166,8 +188,21 @@ class RegularizedCriterion(nn.Module):
                 if target is None:
                     target = DEFAULT_LOGITS_TARGET_RATIO if self.ratio_at(name) == "logits" else DEFAULT_TARGET_RATIO
                 self.balance[name] = AutoWeight(target, spec.calibration_steps)
-        self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32))
+        self.register_buffer("class_weight", None if class_weight is None else self._check_class_weight(class_weight))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _check_class_weight(self, class_weight) -> torch.Tensor:
+        """``(K,)`` float32 weights: finite, >= 0, not all 0, and one per class of the regularizers."""
+        w = torch.as_tensor(class_weight, dtype=torch.float32)
+        if w.dim() != 1 or w.numel() == 0:
+            raise ValueError(f"`class_weight` must be a 1-D sequence with one weight per class, got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
+            raise ValueError(f"`class_weight` must be finite, >= 0 and not all 0, got {w.tolist()}")
+        for name, loss in self.losses.items():
+            k = getattr(loss, "num_classes", None)
+            if k is not None and int(k) != w.numel():
+                raise ValueError(f"`class_weight` has {w.numel()} entries but regularizer {name!r} has num_classes={k}")
+        return w
 
     def _raw_features(self, name: str, spec: Term, features) -> torch.Tensor:
         if isinstance(features, torch.Tensor):
@@ -190,7 +225,7 @@ class RegularizedCriterion(nn.Module):
     def _features_for(self, name: str, spec: Term, features) -> torch.Tensor:
         feats = self._raw_features(name, spec, features)
         if name in self.projections:
-            feats = self.projections[name](feats)
+            feats = self.projections[name](to_parameter_dtype(feats, self.projections[name]))
         return feats
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -263,6 +298,8 @@ class RegularizedCriterion(nn.Module):
         if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"`labels` must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
         check_same_device(logits=logits, labels=labels)
+        if self.class_weight is not None and self.class_weight.numel() != logits.shape[1]:
+            raise ValueError(f"`class_weight` has {self.class_weight.numel()} entries, `logits` have K={logits.shape[1]} classes")
         model_logits = logits
         if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -284,7 +321,7 @@ class RegularizedCriterion(nn.Module):
             if self.training and step < spec.warmup:
                 return
             feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
-            raw_values[name] = loss_mod.compute(labels, features=feats, logits=logits if loss_mod.uses_logits else None)
+            raw_values[name] = loss_mod.compute(labels, features=feats, logits=logits)
             raw_terms[name] = dict(loss_mod.terms)
 
         before_ce = [n for n in self.specs if getattr(self.losses[n], "logits_gradient", False)]
