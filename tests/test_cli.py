@@ -78,7 +78,8 @@ def test_builtin_configs_by_name_or_former_path(tmp_path, monkeypatch):
 def test_overrides_are_yaml_and_checked():
     cfg = resolve_config(None, ["train.lr=0.5", "data.size=[40, 48]", "methods.car.eps0=0.3", "model.opts.width=8"])
     assert cfg["train"]["lr"] == 0.5 and cfg["data"]["size"] == [40, 48]
-    assert cfg["methods"]["car"] == {"loss_weight": 0.1, "warmup": 0, "eps0": 0.3}
+    assert cfg["methods"]["car"] == {"loss_weight": 0.1, "warmup": 0, "variant": "released", "projection": "conv1x1",
+                                     "eps0": 0.3}
     assert cfg["model"]["opts"]["width"] == 8 and cfg["model"]["opts"]["depth"] == DEFAULTS["model"]["opts"]["depth"]
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     with pytest.raises(KeyError, match="train.lrr"):

@@ -224,7 +224,8 @@ def test_train_warns_and_records_an_overpowering_term(tmp_path, cache, capsys):
     # CAR at weight 50: its gradient at the features is far above 0.5x CE's at the first
     # measured step; pixreg train says so (once), metrics.json keeps it, compare lists it
     run = tmp_path / "car"
-    assert main(["train", "--method", "car", "--out", str(run), "--no-progress", "--set", "methods.car.weight=50",
+    assert main(["train", "--method", "car", "--out", str(run), "--no-progress", "--set", "methods.car.loss_weight=50",
+                 "--set", "methods.car.variant=paper", "--set", "methods.car.projection=null",
                  "--set", "train.balance_every=2"] + [a for o in tiny(cache) for a in ("--set", o)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("warning: regularizer 'car'") == 1 and "cross-entropy's" in printed

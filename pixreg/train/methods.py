@@ -21,7 +21,7 @@ rch       ``RCHLoss(num_classes, feature_dim, ignore_index=)``
 Per-method options (``methods.<name>`` in the YAML), the reserved keys :data:`RESERVED`:
 ``loss_weight`` (the one effective multiplier of the regularizer; default the loss
 class's own default: 0.1 for RCH, the paper's lambda, 1 for the others; the built-in
-configs set CAR's to 0.1, see docs/balance.md; ``auto``: set so that the term's gradient
+configs set CAR's to 0.1, released variant, after a 1x1 projection, see docs/balance.md; ``auto``: set so that the term's gradient
 at its features is ``target_ratio`` (0.1; 2.0 for LALL, at the logits) times CE's during
 ``calibration_steps`` (50) steps after the warm-up, then frozen, see :mod:`pixreg.balance`), ``warmup``
 (steps during which it is off, default 0), ``layer`` (dotted module name of the feature
