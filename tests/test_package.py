@@ -152,7 +152,7 @@ def test_wheel_installs_and_runs_with_only_core_dependencies(wheel, tmp_path):
     # the console script is installed; without the train extra it says what to install
     cli = subprocess.run([str(venv / "bin" / "pixreg"), "train", "--config", "camvid", "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert cli.returncode == 2 and "pip install 'pixreg[train]'" in cli.stderr, cli.stderr
+    assert cli.returncode == 2 and "pip install pyyaml" in cli.stderr, cli.stderr
 
 
 def test_licence_citation_and_changelog_agree_with_the_package():
