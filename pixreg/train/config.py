@@ -431,6 +431,7 @@ def validate(cfg: Dict[str, Any]) -> None:
     c.size("data.eval_size", extra=("same",))
     c.integer("data.seed")
     c.flag("data.augment")
+    c.flag("data.check")
     c.text("data.cache_dir", none=True)
     c.text("data.train_split")
     c.text("data.val_split")
