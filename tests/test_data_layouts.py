@@ -315,3 +315,9 @@ def test_data_check_false_skips_the_scan(tmp_path):
     with pytest.raises(DatasetError, match="m1.png"):
         scan_data(resolve_config(None, sets), log=None)
     scan_data(resolve_config(None, sets + ["data.check=false"]), log=None)  # skipped: no error
+    # a run saved before the key existed (or with another value) still resumes
+    from pixreg.train.config import RESUME_MUTABLE, config_diff
+
+    old = resolve_config(None, sets)
+    del old["data"]["check"]
+    assert config_diff(old, resolve_config(None, sets + ["data.check=false"]), ignore=RESUME_MUTABLE) == []

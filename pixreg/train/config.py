@@ -117,6 +117,7 @@ RESUME_MUTABLE = (
     "data.root",
     "data.cache_dir",
     "data.num_workers",
+    "data.check",
     "train.log_every",
     "train.ckpt_every",
     "train.step_delay_s",
