@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-__all__ = ["check_output_folder", "check_run_folder", "check_datasets", "preflight"]
+__all__ = ["check_output_folder", "check_run_folder", "check_datasets", "check_settings", "preflight"]
 
 
 def check_output_folder(path: str, what: str = "--out") -> None:
@@ -79,13 +79,19 @@ def check_datasets(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def check_settings(cfg: Mapping[str, Any]) -> None:
+    """The checks of :func:`preflight` that do not depend on the run folder: the datasets
+    (:func:`check_datasets`) and the method, built once on the CPU so that every constructor
+    check runs (its errors name ``methods.<name>``)."""
+    train_ds = check_datasets(cfg)["__train__"]
+    from .trainer import build_run
+
+    build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
+              getattr(train_ds, "background_index", None), torch.device("cpu"))
+
+
 def preflight(cfg: Mapping[str, Any], run_dir: str) -> None:
     """Everything that can be checked before training writes a file (see the module
     docstring). Raises ``ValueError`` naming the key, argument or file."""
     check_run_folder(run_dir)
-    datasets = check_datasets(cfg)
-    train_ds = datasets["__train__"]
-    from .trainer import build_run  # the method's options are checked by building it (small, on CPU)
-
-    build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
-              getattr(train_ds, "background_index", None), torch.device("cpu"))
+    check_settings(cfg)

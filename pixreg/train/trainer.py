@@ -158,7 +158,11 @@ def check_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> No
     for split in [d["val_split"], *d["test_splits"]]:
         if split and split not in splits:
             splits[split] = make_dataset(cfg, split)
-    preflight(splits, log=log)
+    reports = preflight(splits, log=log)
+    labelled = reports[d["train_split"]].class_pixels
+    if labelled is not None and int(labelled.sum()) == 0:
+        log(f"warning: every label pixel of the training split {d['train_split']!r} is ignore_index "
+            "(an all-void dataset): the model will learn nothing")
     _CHECKED.add(key)
 
 
@@ -414,8 +418,6 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     best_path = os.path.join(ckpt_dir, "best.pt")
     metrics_path = os.path.join(run_dir, "metrics.json")
     status = run_status(run_dir)
-    if ctx.is_main and not (resume and status == "finished"):
-        check_data(cfg, log)  # before anything is written to (or removed from) the run folder
 
     ckpt: Optional[Dict[str, Any]] = None
     if status != "empty" and resume:
@@ -430,7 +432,9 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
                 return json.load(f)
     elif status != "empty" and not overwrite:
         raise RunExists(f"{run_dir} already holds a run ({status}); pass --resume to continue it or --overwrite to restart")
-    preflight(cfg, run_dir)  # config, device, datasets, method: before anything is written
+    preflight(cfg, run_dir)  # run folder, splits (naming the key), class_weight, method: before anything is written
+    if ctx.is_main:
+        check_data(cfg, log)  # every sample read once: before anything is written to (or removed from) the run folder
     if status != "empty":
         if resume:
             ckpt = load_checkpoint(last_path, map_location="cpu", required=_CKPT_KEYS)
