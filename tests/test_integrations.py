@@ -421,8 +421,9 @@ def test_lightning_defaults_read_common_batches_and_outputs():
         logits = x
 
     assert default_logits(Out()) is x
+    assert default_logits((x, y)) is x  # smp with aux_params: (masks, labels)
     with pytest.raises(TypeError):
-        default_logits([x])
+        default_logits(["x"])
 
 
 @needs_lightning
@@ -495,8 +496,11 @@ def test_docs_code_blocks_run(tmp_path, monkeypatch):
     blocks = _doc_blocks()
     markers = [m for m, _ in blocks]
     assert markers.count("plain") == 1 and markers.count("segformer") == 1 and markers.count("lightning") == 2
-    assert set(markers) == {"plain", "segformer", "lightning", "notrun"}, markers  # every block is marked
+    assert markers.count("ddp") == 1
+    assert set(markers) == {"plain", "ddp", "segformer", "lightning", "notrun"}, markers  # every block is marked
     for marker, code in blocks:
+        if marker == "ddp":  # a torchrun script: tests/test_ddp_user_loop.py runs it with 1 and 2 processes
+            continue
         if marker == "notrun":
             compile(code, "docs/integrations.md[notrun]", "exec")  # at least valid Python
             continue
