@@ -14,6 +14,7 @@ called as ``ddp(images, labels)``.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLD, B, K, D, HW, STEPS = 2, 4, 4, 6, 8, 5
 
 
-def ddp_snippet() -> str:
+def doc_block(marker: str) -> str:
     text = (ROOT / "docs" / "integrations.md").read_text()
-    blocks = re.findall(r"<!-- ddp -->\n```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 1, "docs/integrations.md must have exactly one <!-- ddp --> block"
+    blocks = re.findall(rf"<!-- {marker} -->\n```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, f"docs/integrations.md must have exactly one <!-- {marker} --> block"
     return blocks[0]
 
 
@@ -48,26 +49,52 @@ def torchrun(script: Path, nproc: int, cwd: Path) -> str:
     return proc.stdout
 
 
-def test_documented_ddp_script_two_processes_equal_one(tmp_path):
-    code = ddp_snippet()
-    assert "DDP(wrapped)" in code and "warmup=2" in code and "ddp(images, labels)" in code
-    variants = {"one": (code, 1), "two": (code, 2),
-                "two_unused": (code.replace("DDP(wrapped)", "DDP(wrapped, find_unused_parameters=True)"), 2)}
+def run_variants(tmp_path, variants: dict, script: str, result: str) -> dict:
+    """Run each ``name -> (source, processes)`` under torchrun in its own folder; flat
+    state dicts of what rank 0 saved in ``result``."""
     states = {}
     for name, (src, nproc) in variants.items():
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "train_ddp.py").write_text(src)
-        torchrun(folder / "train_ddp.py", nproc, folder)
-        states[name] = torch.load(folder / "ddp_ckpt.pt")
+        (folder / script).write_text(src)
+        torchrun(folder / script, nproc, folder)
+        saved = torch.load(folder / result, weights_only=False)
+        flat = saved["state_dict"] if "state_dict" in saved else {f"{p}.{k}": v for p in saved for k, v in saved[p].items()}
+        states[name] = flat
+    return states
+
+
+def assert_two_equal_one(states: dict) -> None:
     ref = states["one"]
-    assert int(ref["criterion"]["step"]) == 4  # 4 steps, RCH on from step 3
-    assert ref["criterion"]["losses.rch.initialized"].any()  # RCH ran after its warm-up
     for name in ("two", "two_unused"):
-        for part in ("model", "criterion"):
-            assert states[name][part].keys() == ref[part].keys()
-            for k, v in ref[part].items():
-                torch.testing.assert_close(states[name][part][k], v, rtol=1e-4, atol=2e-5, msg=f"{name} {part} {k}")
+        assert states[name].keys() == ref.keys()
+        for k, v in ref.items():
+            torch.testing.assert_close(states[name][k], v, rtol=1e-4, atol=2e-5, msg=f"{name} {k}")
+
+
+def test_documented_ddp_script_two_processes_equal_one(tmp_path):
+    code = doc_block("ddp")
+    assert "DDP(wrapped)" in code and "warmup=2" in code and "ddp(images, labels)" in code
+    states = run_variants(tmp_path, {
+        "one": (code, 1), "two": (code, 2),
+        "two_unused": (code.replace("DDP(wrapped)", "DDP(wrapped, find_unused_parameters=True)"), 2),
+    }, "train_ddp.py", "ddp_ckpt.pt")
+    assert int(states["one"]["criterion.step"]) == 4  # 4 steps, RCH on from step 3
+    assert states["one"]["criterion.losses.rch.initialized"].any()  # RCH ran after its warm-up
+    assert_two_equal_one(states)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="needs pixreg[lightning]")
+def test_documented_lightning_ddp_script_two_processes_equal_one(tmp_path):
+    code = doc_block("lightning-ddp")
+    assert 'strategy="ddp"' in code and "devices=2" in code and "warmup=2" in code
+    states = run_variants(tmp_path, {
+        "one": (code.replace("devices=2", "devices=1"), 1), "two": (code, 2),
+        "two_unused": (code.replace('strategy="ddp"', 'strategy="ddp_find_unused_parameters_true"'), 2),
+    }, "train_lightning.py", "lightning_ddp.ckpt")
+    assert int(states["one"]["pixreg_criterion.step"]) == 4
+    assert states["one"]["pixreg_criterion.losses.rch.initialized"].any()
+    assert_two_equal_one(states)
 
 
 # ----------------------------------------------------------------------------- every regularizer

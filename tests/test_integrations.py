@@ -35,6 +35,7 @@ def _installed(name: str) -> bool:
 
 
 HAS_TRANSFORMERS = _installed("transformers")
+HAS_HF_TRAINER = HAS_TRANSFORMERS and _installed("accelerate")
 HAS_LIGHTNING = _installed("lightning") or _installed("pytorch_lightning")
 needs_transformers = pytest.mark.skipif(
     not HAS_TRANSFORMERS, reason="Hugging Face transformers is not installed (pip install 'pixreg[segformer]')")
@@ -485,7 +486,7 @@ def test_lightning_example_runs(tmp_path):
 
 def _doc_blocks():
     text = (ROOT / "docs" / "integrations.md").read_text()
-    blocks = re.findall(r"(<!-- (\w+) -->\n)?```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"(<!-- ([\w-]+) -->\n)?```python\n(.*?)```", text, flags=re.S)
     return [(marker, code) for _, marker, code in blocks]
 
 
@@ -496,15 +497,17 @@ def test_docs_code_blocks_run(tmp_path, monkeypatch):
     blocks = _doc_blocks()
     markers = [m for m, _ in blocks]
     assert markers.count("plain") == 1 and markers.count("segformer") == 1 and markers.count("lightning") == 2
-    assert markers.count("ddp") == 1
-    assert set(markers) == {"plain", "ddp", "segformer", "lightning", "notrun"}, markers  # every block is marked
+    assert markers.count("ddp") == 1 and markers.count("lightning-ddp") == 1
+    assert markers.count("hf-trainer") == 1
+    assert set(markers) == {"plain", "ddp", "lightning-ddp", "segformer", "hf-trainer", "lightning", "notrun"}, markers
     for marker, code in blocks:
-        if marker == "ddp":  # a torchrun script: tests/test_ddp_user_loop.py runs it with 1 and 2 processes
+        if marker in ("ddp", "lightning-ddp"):  # a torchrun script: tests/test_ddp_user_loop.py runs it with 1 and 2 processes
             continue
         if marker == "notrun":
             compile(code, "docs/integrations.md[notrun]", "exec")  # at least valid Python
             continue
-        if marker == "segformer" and not HAS_TRANSFORMERS or marker == "lightning" and not HAS_LIGHTNING:
+        if (marker == "segformer" and not HAS_TRANSFORMERS or marker == "hf-trainer" and not HAS_HF_TRAINER
+                or marker == "lightning" and not HAS_LIGHTNING):
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
