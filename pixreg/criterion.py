@@ -4,8 +4,8 @@
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
 >>> criterion = pixreg.RegularizedCriterion({
-...     "car": pixreg.Term(pixreg.CARLoss(num_classes=4), weight=1.0, warmup=0),
-...     "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), weight=1.0),
+...     "car": pixreg.Term(pixreg.CARLoss(num_classes=4), loss_weight=1.0, warmup=0),
+...     "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), loss_weight=1.0),
 ... })
 >>> wrapped = pixreg.RegularizedModel(model, criterion, layers="1")
 >>> x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))
@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -25,35 +26,68 @@ from torch import nn
 
 from .distributed import all_reduce_sum, all_reduce_sum_no_grad
 from .hooks import FeatureCapture
-from .losses._common import check_floating, check_labels, check_same_device
+from .losses._common import (
+    check_floating, check_int, check_labels, check_real, check_same_device, renamed, to_parameter_dtype,
+)
 from .losses.base import Regularizer
 
 __all__ = ["Term", "CriterionOutput", "ModelLossOutput", "RegularizedCriterion", "RegularizedModel", "default_logits"]
 
 
-@dataclass
+@dataclass(init=False)
 class Term:
     """One regularizer in a :class:`RegularizedCriterion`.
 
     Args:
         loss: the regularizer module.
-        weight: multiplies the regularizer's loss (which already includes its own term weights).
+        loss_weight: multiplies the regularizer's loss (which already includes its own term
+            weights): a finite number >= 0. ``weight``, its old name, is accepted for one
+            version with a ``DeprecationWarning`` (renamed so that it cannot be taken for
+            torch's per-class ``weight`` tensor; mmsegmentation's name).
         warmup: number of training steps (criterion calls in training mode) during which
-            the term is off: not computed, state not updated, reported as 0. Its parameters
-            (RCH's head, learnable centres, the projection) still enter the total with a
-            zero-valued contribution (``0 * sum(p)``), so they get a zero gradient every
-            step and DDP's reducer sees every parameter used (any ``find_unused_parameters``).
+            the term is off: not computed, state not updated, reported as 0 (an int >= 0).
+            Its parameters (RCH's head, learnable centres, the projection) still enter the
+            total with a zero-valued contribution (``0 * sum(p)``), so they get a zero
+            gradient every step and DDP's reducer sees every parameter used (any
+            ``find_unused_parameters``).
         layer: which captured feature layer feeds it (default: the only one, or the
             tensor passed as ``features``).
         projection: optional training-only module applied to the features first (e.g. a
             1x1 conv for CAR or C+1); it belongs to the criterion, not to the model.
+
+    >>> import pixreg
+    >>> pixreg.Term(pixreg.CARLoss(4), loss_weight=0.5).loss_weight
+    0.5
     """
 
     loss: Regularizer
-    weight: float = 1.0
-    warmup: int = 0
-    layer: Optional[str] = None
-    projection: Optional[nn.Module] = None
+    loss_weight: float
+    warmup: int
+    layer: Optional[str]
+    projection: Optional[nn.Module]
+
+    def __init__(
+        self,
+        loss: Regularizer,
+        loss_weight: float = 1.0,
+        warmup: int = 0,
+        layer: Optional[str] = None,
+        projection: Optional[nn.Module] = None,
+        *,
+        weight: Optional[float] = None,
+    ) -> None:
+        loss_weight = renamed("Term", "weight", weight, "loss_weight", loss_weight, 1.0)
+        self.loss = loss
+        self.loss_weight = check_real("loss_weight", loss_weight, lo=0.0)
+        self.warmup = check_int("warmup", warmup, lo=0)
+        self.layer = layer
+        self.projection = projection
+
+    @property
+    def weight(self) -> float:
+        """Deprecated alias of :attr:`loss_weight` (read-only)."""
+        warnings.warn("Term.weight is deprecated; use Term.loss_weight", DeprecationWarning, stacklevel=2)
+        return self.loss_weight
 
 
 class CriterionOutput(NamedTuple):
@@ -65,7 +99,7 @@ class CriterionOutput(NamedTuple):
 
 
 class RegularizedCriterion(nn.Module):
-    """``total = ce_weight * CE(logits, labels) + sum_r weight_r * L_r``.
+    """``total = ce_weight * CE(logits, labels) + sum_r loss_weight_r * L_r``.
 
     Args:
         regularizers: name -> :class:`Term` (or a bare regularizer, weight 1, no warm-up).
@@ -90,8 +124,8 @@ class RegularizedCriterion(nn.Module):
         class_weight: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
-        self.ce_weight = float(ce_weight)
-        self.ignore_index = int(ignore_index)
+        self.ce_weight = check_real("ce_weight", ce_weight, lo=0.0)
+        self.ignore_index = check_int("ignore_index", ignore_index)
         self.specs: Dict[str, Term] = {}
         self.losses = nn.ModuleDict()
         self.projections = nn.ModuleDict()
@@ -111,8 +145,21 @@ class RegularizedCriterion(nn.Module):
             self.losses[name] = spec.loss
             if spec.projection is not None:
                 self.projections[name] = spec.projection
-        self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32))
+        self.register_buffer("class_weight", None if class_weight is None else self._check_class_weight(class_weight))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _check_class_weight(self, class_weight) -> torch.Tensor:
+        """``(K,)`` float32 weights: finite, >= 0, not all 0, and one per class of the regularizers."""
+        w = torch.as_tensor(class_weight, dtype=torch.float32)
+        if w.dim() != 1 or w.numel() == 0:
+            raise ValueError(f"`class_weight` must be a 1-D sequence with one weight per class, got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
+            raise ValueError(f"`class_weight` must be finite, >= 0 and not all 0, got {w.tolist()}")
+        for name, loss in self.losses.items():
+            k = getattr(loss, "num_classes", None)
+            if k is not None and int(k) != w.numel():
+                raise ValueError(f"`class_weight` has {w.numel()} entries but regularizer {name!r} has num_classes={k}")
+        return w
 
     def _features_for(self, name: str, spec: Term, features) -> torch.Tensor:
         if isinstance(features, torch.Tensor):
@@ -131,7 +178,7 @@ class RegularizedCriterion(nn.Module):
         else:
             raise ValueError(f"regularizer {name!r} needs `features` (a tensor or a dict of captured layers)")
         if name in self.projections:
-            feats = self.projections[name](feats)
+            feats = self.projections[name](to_parameter_dtype(feats, self.projections[name]))
         return feats
 
     def _untouched_parameters(self, name: str) -> torch.Tensor:
@@ -177,6 +224,8 @@ class RegularizedCriterion(nn.Module):
         if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"`labels` must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
         check_same_device(logits=logits, labels=labels)
+        if self.class_weight is not None and self.class_weight.numel() != logits.shape[1]:
+            raise ValueError(f"`class_weight` has {self.class_weight.numel()} entries, `logits` have K={logits.shape[1]} classes")
         if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         step = int(self.step)  # one host read per step, for the warm-ups
@@ -197,9 +246,10 @@ class RegularizedCriterion(nn.Module):
             if self.training and step < spec.warmup:
                 return
             feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
-            reg_values[name] = spec.weight * loss_mod.compute(
-                labels, features=feats, logits=logits if loss_mod.uses_logits else None)
-            reg_terms[name] = {f"{name}/{tname}": (spec.weight * tval).detach() for tname, tval in loss_mod.terms.items()}
+            reg_values[name] = spec.loss_weight * loss_mod.compute(labels, features=feats, logits=logits)
+            reg_terms[name] = {
+                f"{name}/{tname}": (spec.loss_weight * tval).detach() for tname, tval in loss_mod.terms.items()
+            }
 
         before_ce = [n for n in self.specs if getattr(self.losses[n], "logits_gradient", False)]
         for name in before_ce:
