@@ -491,20 +491,23 @@ def _doc_blocks():
 
 
 def test_docs_code_blocks_run(tmp_path, monkeypatch):
-    """Every python block in docs/integrations.md runs as written, except blocks marked
-    ``<!-- notrun -->`` (other libraries) and those needing a missing optional extra."""
+    """Every python block in docs/integrations.md is marked and runs as written here, except
+    the torchrun scripts (``ddp``, ``lightning-ddp``: tests/test_ddp_user_loop.py runs them
+    with 1 and 2 processes), the ``zoo`` blocks (run by tests/integrations_zoo in
+    .venv-integrations; only compiled here) and blocks needing a missing optional extra."""
     monkeypatch.chdir(tmp_path)  # blocks may write files
     blocks = _doc_blocks()
     markers = [m for m, _ in blocks]
     assert markers.count("plain") == 1 and markers.count("segformer") == 1 and markers.count("lightning") == 2
     assert markers.count("ddp") == 1 and markers.count("lightning-ddp") == 1
     assert markers.count("hf-trainer") == 1
-    assert set(markers) == {"plain", "ddp", "lightning-ddp", "segformer", "hf-trainer", "lightning", "notrun"}, markers
+    assert markers.count("zoo") == 2  # run by tests/integrations_zoo in .venv-integrations
+    assert set(markers) == {"plain", "ddp", "lightning-ddp", "segformer", "hf-trainer", "lightning", "zoo"}, markers
     for marker, code in blocks:
         if marker in ("ddp", "lightning-ddp"):  # a torchrun script: tests/test_ddp_user_loop.py runs it with 1 and 2 processes
             continue
-        if marker == "notrun":
-            compile(code, "docs/integrations.md[notrun]", "exec")  # at least valid Python
+        if marker == "zoo":
+            compile(code, "docs/integrations.md[zoo]", "exec")  # at least valid Python
             continue
         if (marker == "segformer" and not HAS_TRANSFORMERS or marker == "hf-trainer" and not HAS_HF_TRAINER
                 or marker == "lightning" and not HAS_LIGHTNING):
