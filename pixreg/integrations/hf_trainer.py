@@ -61,6 +61,7 @@ class PixregTrainer(Trainer):
                 f"criterion)), got {type(model).__name__}"
             )
         super().__init__(model, *args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the wrapper's **kwargs go to the model, not to a loss
         inner = inspect.signature(model.model.forward).parameters
         self._signature_columns = [n for n in inner if n != "labels"] + ["labels", "label", "label_ids"]
         self._pixreg_sums: Dict[str, float] = {}
