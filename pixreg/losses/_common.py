@@ -6,10 +6,13 @@ Conventions (all losses):
 * features ``(B, D, h, w)`` or flat ``(N, D)``; labels ``(B, H, W)`` (or ``(N,)`` with
   flat features), integer, values in ``0..K-1`` or ``ignore_index``.
 * labels are brought to feature resolution by *nearest* sampling with PyTorch's
-  default ``F.interpolate(mode="nearest")`` rounding: feature cell ``(i, j)`` takes the
-  label at ``(floor(i * H / h), floor(j * W / w))``, i.e. the top-left pixel of its
-  block when ``H = s * h``. (mmsegmentation does the same; some reference codes use
-  centre sampling.)
+  ``F.interpolate(mode="nearest")`` (:func:`resize_labels`, rule ``"torch"``): feature
+  row ``i`` takes label row ``min(floor(fl(i * s)), H - 1)`` with ``s = fl(H / h)``, where
+  ``fl`` rounds to float32 -- torch computes the scale and the product in float32. This
+  is the top-left pixel of its block when ``H = s * h``, and equals the exact
+  ``floor(i * H / h)`` for most but not all size pairs (26 -> 22, row 11: 12, not 13).
+  Columns alike. mmsegmentation (RCH's released code) resizes the same way. CAR's
+  released TensorFlow code uses rule ``"align_corners"`` instead (see :func:`resize_labels`).
 * ignored pixels are mapped to a dump class ``K`` so that per-class sums can be taken
   in one ``index_add`` with no boolean indexing (no host synchronisation); the dump
   row is dropped.
@@ -109,12 +112,49 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(f"inputs must be on the same device, got {names}")
 
 
-def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-sample integer labels ``(B, H, W)`` to ``size = (h, w)`` (floor rounding)."""
+LABEL_SAMPLING = ("torch", "align_corners")
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int], rule: str = "torch") -> torch.Tensor:
+    """Nearest-sample integer labels ``(B, H, W)`` to ``size = (h, w)``.
+
+    ``fl`` below rounds to float32 (the arithmetic both libraries use); rows and columns alike.
+
+    * ``rule="torch"``: ``F.interpolate(mode="nearest")``: row ``i`` takes source row
+      ``min(floor(fl(i * fl(H / h))), H - 1)``.
+    * ``rule="align_corners"``: TensorFlow's ``resize_nearest_neighbor(align_corners=True)``
+      (CAR's released code): source row ``min(round(fl(i * fl((H - 1) / (h - 1)))), H - 1)``,
+      rounding half away from zero (``roundf``); row 0 when ``h = 1``. The first and last
+      rows map to the first and last rows, e.g. rows 0, 8, 16, ..., 512 for 513 -> 65.
+
+    Example:
+        >>> import torch
+        >>> y = torch.arange(9)[None, :, None].expand(1, 9, 1)
+        >>> resize_labels(y, (3, 1))[0, :, 0].tolist(), resize_labels(y, (3, 1), "align_corners")[0, :, 0].tolist()
+        ([0, 3, 6], [0, 4, 8])
+    """
+    if rule not in LABEL_SAMPLING:
+        raise ValueError(f"`label_sampling` must be one of {LABEL_SAMPLING}, got {rule!r}")
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
+    if rule == "align_corners":
+        rows = _align_corners_index(labels.shape[-2], size[0], labels.device)
+        cols = _align_corners_index(labels.shape[-1], size[1], labels.device)
+        return labels.index_select(-2, rows).index_select(-1, cols)
     out = F.interpolate(labels[:, None].float(), size=size, mode="nearest")
     return out[:, 0].to(labels.dtype)
+
+
+def _align_corners_index(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """TensorFlow's align-corners nearest source index (float32 arithmetic, ``roundf``)."""
+    if out_size == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    f32 = torch.float32
+    scale = torch.tensor(in_size - 1, dtype=f32) / torch.tensor(out_size - 1, dtype=f32)
+    v = torch.arange(out_size, dtype=f32) * scale
+    lo = torch.floor(v)
+    idx = lo + (v - lo >= 0.5).to(f32)  # round half away from zero (v >= 0)
+    return idx.long().clamp(max=in_size - 1).to(device)
 
 
 def resize_bilinear(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
