@@ -135,6 +135,30 @@ def make_dataset(cfg: Mapping[str, Any], split: str, *, train: bool = False, cac
     return ds
 
 
+_CHECKED: set = set()
+
+
+def check_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
+    """Pre-flight scan (:func:`pixreg.data.preflight`) of the training, validation and test
+    splits of ``cfg["data"]``: every sample is read once; corrupt or truncated files, size
+    mismatches and invalid labels raise :class:`pixreg.data.DatasetError` listing them all.
+    Done once per process for a given data configuration; ``data.check: false`` skips it."""
+    from ..data import preflight
+
+    d = cfg["data"]
+    if not d.get("check", True):
+        return
+    key = json.dumps(d, sort_keys=True, default=str)
+    if key in _CHECKED:
+        return
+    splits = {d["train_split"]: make_dataset(cfg, d["train_split"], train=True)}
+    for split in [d["val_split"], *d["test_splits"]]:
+        if split and split not in splits:
+            splits[split] = make_dataset(cfg, split)
+    preflight(splits, log=log)
+    _CHECKED.add(key)
+
+
 class TrainStep(nn.Module):
     """Model + criterion in one module (so that DDP sees every trainable parameter):
     ``forward(images, labels) -> (logits, total_loss, terms)``."""
@@ -362,6 +386,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     best_path = os.path.join(ckpt_dir, "best.pt")
     metrics_path = os.path.join(run_dir, "metrics.json")
     status = run_status(run_dir)
+    if ctx.is_main and not (resume and status == "finished"):
+        check_data(cfg, log)  # before anything is written to (or removed from) the run folder
 
     ckpt: Optional[Dict[str, Any]] = None
     if status != "empty":
