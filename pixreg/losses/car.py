@@ -230,6 +230,7 @@ def car_loss(
         threshold_classes, ignore_index, ema_decay if ema_centres is not None else None,
     )
     label_sampling = _resolve_label_sampling(variant, label_sampling)
+    check_labels(labels, None, ignore_index)  # types first: a NumPy array gets a TypeError, not an AttributeError
     check_same_device(features=features, labels=labels, ema_centres=ema_centres)
     if (isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor) and features.dim() == 4
             and labels.dim() == 3 and labels.shape[0] == features.shape[0]):
