@@ -207,7 +207,7 @@ def test_gradcheck_released_options(kw):
     e, z, y, protos = _tiny(8, 6)
 
     def f(x):
-        return rch_loss(x, z, y, protos, weight=1.0, **kw).loss
+        return rch_loss(x, z, y, protos, loss_weight=1.0, **kw).loss
 
     assert torch.autograd.gradcheck(f, (e,))
 
@@ -240,7 +240,7 @@ def test_gradcheck_loss_through_the_updated_prototypes():
 
     def f(x):
         p, i = rch_update_prototypes(x, z, y, protos, init, differentiable=True)
-        return rch_loss(x, z, y, p, i, weight=1.0, prototype_grad=True).loss
+        return rch_loss(x, z, y, p, i, loss_weight=1.0, prototype_grad=True).loss
 
     assert torch.autograd.gradcheck(f, (e,))
 
@@ -280,7 +280,7 @@ def test_module_prototype_grad_matches_reference():
 
 
 def test_module_options_repr_and_validation():
-    mod = RCHLoss(4, 6, 5, prototype_grad=True, ce_resolution="label", ohem_thresh=0.7, ohem_min_kept=10,
+    mod = RCHLoss(4, 6, embed_dim=5, prototype_grad=True, ce_resolution="label", ohem_thresh=0.7, ohem_min_kept=10,
                   reduction="all_pixels")
     r = repr(mod)
     for s in ("prototype_grad=True", "ce_resolution='label'", "ohem_thresh=0.7", "ohem_min_kept=10",
@@ -345,7 +345,7 @@ def test_all_ignored_image_stays_zero_over_training_steps():
         loss = mod(f, z, y)
         loss.backward()
         opt.step()
-        assert math.isfinite(float(loss)) and torch.isfinite(f.grad).all()
+        assert math.isfinite(float(loss.detach())) and torch.isfinite(f.grad).all()
         assert (f.grad[0] == 0).all()  # the all-ignored image contributes nothing
         assert torch.isfinite(mod.prototypes).all()
     y_all = torch.full_like(y, IGN)
