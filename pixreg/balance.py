@@ -91,12 +91,11 @@ def gradient_norm(output: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch
     5.0
     """
     inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not inputs or not output.requires_grad:
-        return torch.zeros((), dtype=torch.float64, device=output.device)
-    grads = torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
-    sq = sum((g.detach().double().pow(2).sum() for g in grads if g is not None),
-             torch.zeros((), dtype=torch.float64, device=output.device))
-    return all_reduce_sum_no_grad(sq).sqrt()
+    sq = torch.zeros((), dtype=torch.float64, device=output.device)
+    if inputs and output.requires_grad:
+        grads = torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
+        sq = sum((g.detach().double().pow(2).sum() for g in grads if g is not None), sq)
+    return all_reduce_sum_no_grad(sq).sqrt()  # every process reduces, whatever its local graph
 
 
 def gradient_ratio(term: torch.Tensor, reference: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
