@@ -61,7 +61,7 @@ def check_datasets(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     dataset cache, so this costs nothing extra) and check what depends on them. Errors
     name the configuration key: ``data.test_splits: 'nope': ...``. Returns the datasets
     by split."""
-    from .trainer import make_dataset
+    from .build import make_dataset
 
     d = cfg["data"]
     keyed = [("data.train_split", d["train_split"], True), ("data.val_split", d["val_split"], False)]
@@ -87,7 +87,7 @@ def preflight(cfg: Mapping[str, Any], run_dir: str) -> None:
     check_run_folder(run_dir)
     datasets = check_datasets(cfg)
     train_ds = datasets["__train__"]
-    from .trainer import build_run  # the method's options are checked by building it (small, on CPU)
+    from .build import build_run  # the method's options are checked by building it (small, on CPU)
 
     build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
               getattr(train_ds, "background_index", None), torch.device("cpu"))
