@@ -128,7 +128,7 @@ def _yaml():
     try:
         import yaml
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("configuration files need PyYAML: pip install 'pixreg[train]'") from err
+        raise ImportError("configuration files need PyYAML: install pixreg's 'train' extra (pip install -e '.[train]' in a checkout) or pip install pyyaml") from err
     return yaml
 
 
