@@ -165,7 +165,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--splits: split {split!r} of dataset {cfg['data']['name']!r}: {err}") from err
     ctx = dist_utils.setup(cfg["device"])
     try:
-        run = load_run(args.run, checkpoint=args.checkpoint, device=str(ctx.device), dataset=datasets[splits[0]], cfg=cfg)
+        run = load_run(args.run, checkpoint=args.checkpoint, device=str(ctx.device), dataset=datasets[splits[0]], cfg=cfg,
+                       load_criterion=False)
         results = {split: evaluate(run.model, ds, batch_size=int(cfg["eval"]["batch_size"]), device=ctx.device,
                                    num_workers=int(cfg["data"]["num_workers"]), amp=bool(cfg["train"]["amp"]),
                                    progress=not args.no_progress, desc=f"eval {split}", ctx=ctx)

@@ -169,19 +169,22 @@ def run_config(run_dir: str, overrides: Sequence[str] = (), **top: Any) -> Dict[
 
 
 def load_run(run_dir: str, overrides: Sequence[str] = (), *, checkpoint: str = "last", device: str = "cpu",
-             label: Optional[str] = None, dataset=None, cfg: Optional[Mapping[str, Any]] = None) -> LoadedRun:
+             label: Optional[str] = None, dataset=None, cfg: Optional[Mapping[str, Any]] = None,
+             load_criterion: bool = True) -> LoadedRun:
     """Model (weights of ``checkpoint``: ``last``, ``best`` or a path) and criterion of a run
     folder, on ``device``, in eval mode. The configuration is the run's (:func:`run_config`
     with ``overrides``) unless ``cfg`` is given; the classes are those of ``dataset``
-    (default: the first test split)."""
+    (default: the first test split). ``load_criterion=False`` accepts a checkpoint without
+    the criterion's state (its criterion is then freshly built): enough to evaluate."""
     cfg = dict(cfg) if cfg is not None else run_config(run_dir, overrides)
     path = resolve_checkpoint(run_dir, checkpoint)
     dev = torch.device(device)
-    ckpt = load_checkpoint(path, map_location=dev, required=("model", "criterion", "step"))
+    ckpt = load_checkpoint(path, map_location=dev, required=("model", "step") + (("criterion",) if load_criterion else ()))
     ds = dataset if dataset is not None else make_dataset(cfg, cfg["data"]["test_splits"][0])
     model, criterion, _ = build_run(cfg, ds.num_classes, ds.ignore_index, getattr(ds, "background_index", None), dev)
     load_state(model, ckpt["model"], path)
-    load_state(criterion, ckpt["criterion"], path, "criterion")
+    if load_criterion:
+        load_state(criterion, ckpt["criterion"], path, "criterion")
     model.eval()
     criterion.eval()
     name = label or os.path.basename(os.path.normpath(run_dir))
