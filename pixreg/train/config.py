@@ -117,6 +117,7 @@ RESUME_MUTABLE = (
     "data.root",
     "data.cache_dir",
     "data.num_workers",
+    "data.check",
     "train.log_every",
     "train.ckpt_every",
     "train.step_delay_s",
@@ -431,6 +432,7 @@ def validate(cfg: Dict[str, Any]) -> None:
     c.size("data.eval_size", extra=("same",))
     c.integer("data.seed")
     c.flag("data.augment")
+    c.flag("data.check")
     c.text("data.cache_dir", none=True)
     c.text("data.train_split")
     c.text("data.val_split")
