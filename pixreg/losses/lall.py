@@ -35,6 +35,7 @@ a softmax cross-entropy, so LALL costs a few cross-entropies' worth of time; see
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional
 
@@ -49,6 +50,21 @@ __all__ = ["locally_adaptive_loss", "LocallyAdaptiveLoss"]
 _DISTANCE_WEIGHTS = ("exponential", "uniform")
 _NORMALIZE = ("zscore", None)
 _XI = ("count", "weight_sum")
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_available() -> bool:
+    """Whether Triton is installed (not imported here: see :mod:`._lall_triton` for why)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _resolve_backend(backend: str, z: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for ``backend`` (checked by :func:`_check_hparams`) and logits ``z``."""
+    if backend == "auto":
+        return "triton" if z.is_cuda and _triton_available() else "torch"
+    if backend == "triton" and not _triton_available():
+        raise ImportError("backend='triton' needs the `triton` package (pip install 'pixreg[triton]')")
+    return backend
 
 
 def _check_hparams(
@@ -60,7 +76,10 @@ def _check_hparams(
     xi: str,
     eps: float,
     num_classes: Optional[int],
+    backend: str = "auto",
 ) -> None:
+    if backend not in _BACKENDS:
+        raise ValueError(f"`backend` must be one of {_BACKENDS}, got {backend!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ValueError(f"`window` must be a positive odd integer, got {window!r}")
     if distance_weights not in _DISTANCE_WEIGHTS:
@@ -314,6 +333,7 @@ def locally_adaptive_loss(
     eps: float = 1e-5,
     num_classes: Optional[int] = None,
     weight: float = 1.0,
+    backend: str = "auto",
 ) -> LossOutput:
     """Locally adaptive learning loss (LALL), Minkowski-pooled over the batch.
 
@@ -352,6 +372,10 @@ def locally_adaptive_loss(
             vector, with a finite (zero) gradient through its std.
         num_classes: optional check: must equal ``K`` of ``logits``.
         weight: multiplier of the returned loss (term ``"lall"``).
+        backend: ``"auto"`` (the fused Triton kernels for CUDA tensors when Triton is
+            installed, else PyTorch), ``"triton"`` (CPU tensors run in Triton's
+            interpreter: for tests, slow) or ``"torch"`` (the PyTorch implementation,
+            the reference the kernels are tested against). Same values either way.
 
     Returns:
         ``LossOutput(loss, {"lall": loss})``, a float32 scalar (float64 for float64
@@ -374,7 +398,7 @@ def locally_adaptive_loss(
         >>> bool(torch.isfinite(logits.grad).all()), sorted(out.terms)
         (True, ['lall'])
     """
-    _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes)
+    _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes, backend)
     check_same_device(logits=logits, labels=labels)
     check_floating("logits", logits, (4,))
     if not isinstance(labels, torch.Tensor):
@@ -398,11 +422,15 @@ def locally_adaptive_loss(
         labels = labels.long()
         centre_labels = labels[:, ::stride, ::stride]  # (B, Hc, Wc)
         valid = centre_labels != ignore_index
-        # local sum_p L_p^power over valid centres (one image at a time, see _PooledNumerator)
-        numerator = _PooledNumerator.apply(
-            z, labels, ignore_index, window, distance_weights == "exponential", xi == "weight_sum",
-            normalize == "zscore", eps, stride, float(power),
-        )
+        flags = (distance_weights == "exponential", xi == "weight_sum", normalize == "zscore")
+        if _resolve_backend(backend, z) == "triton":
+            from ._lall_triton import lall_ce
+
+            ce = lall_ce(z, labels, ignore_index, window, *flags, eps, stride)  # 0 at ignored centres
+            numerator = ce.pow(power).sum() if power != 1 else ce.sum()
+        else:
+            # local sum_p L_p^power over valid centres (one image at a time, see _PooledNumerator)
+            numerator = _PooledNumerator.apply(z, labels, ignore_index, window, *flags, eps, stride, float(power))
         mean = global_mean(numerator, valid.sum().to(dtype))
         if power == 1:
             loss = mean
@@ -443,9 +471,11 @@ class LocallyAdaptiveLoss(Regularizer):
         eps: float = 1e-5,
         num_classes: Optional[int] = None,
         weight: float = 1.0,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes)
+        _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes, backend)
+        self.backend = backend
         self.window = window
         self.distance_weights = distance_weights
         self.normalize = normalize
@@ -478,6 +508,7 @@ class LocallyAdaptiveLoss(Regularizer):
             eps=self.eps,
             num_classes=self.num_classes,
             weight=self.weight,
+            backend=self.backend,
         )
         return self._record(out)
 
