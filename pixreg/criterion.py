@@ -110,6 +110,17 @@ class RegularizedCriterion(nn.Module):
                 self.projections[name] = spec.projection
         self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # host copy of `step` for the warm-ups: read once (after construction or loading),
+        # then counted here, so that a step makes no device-to-host copy (CUDA graphs)
+        self._host_step: Optional[int] = None
+        self.register_load_state_dict_post_hook(_forget_host_step)
+
+    def _warmup_step(self) -> Optional[int]:
+        """The step number while some term is still warming up, else None."""
+        last = max((spec.warmup for spec in self.specs.values()), default=0)
+        if self._host_step is None:
+            self._host_step = int(self.step) if last > 0 else 0
+        return self._host_step if self._host_step < last else None
 
     def _features_for(self, name: str, spec: Term, features) -> torch.Tensor:
         if isinstance(features, torch.Tensor):
@@ -165,9 +176,11 @@ class RegularizedCriterion(nn.Module):
         check_same_device(logits=logits, labels=labels)
         if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        step = int(self.step)  # one host read per step, for the warm-ups
+        step = self._warmup_step()
         if self.training:
             self.step += 1
+            if step is not None:
+                self._host_step = step + 1
         # Evaluation order is chosen for memory (autograd runs the most recently created nodes
         # first). A regularizer whose backward makes a logits-sized gradient (LALL) is
         # evaluated before CE, so that CE's backward (whose log-softmax output and gradients
@@ -180,7 +193,7 @@ class RegularizedCriterion(nn.Module):
 
         def evaluate(name: str) -> None:
             spec, loss_mod = self.specs[name], self.losses[name]
-            if self.training and step < spec.warmup:
+            if self.training and step is not None and step < spec.warmup:
                 return
             feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
             reg_values[name] = spec.weight * loss_mod.compute(
@@ -207,6 +220,10 @@ class RegularizedCriterion(nn.Module):
             terms[name] = reg_values[name].detach()
             terms.update(reg_terms[name])
         return CriterionOutput(total, terms)
+
+
+def _forget_host_step(module: RegularizedCriterion, incompatible_keys) -> None:
+    module._host_step = None  # re-read from the loaded `step` buffer at the next call
 
 
 class RegularizedModel(nn.Module):
