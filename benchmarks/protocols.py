@@ -178,7 +178,8 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data/camvid")
+    p.add_argument("--data-root", default=os.environ.get("PIXREG_CAMVID"),
+                   help="CamVid in the SegNet layout (default: $PIXREG_CAMVID)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated, of " + ", ".join(PROTOCOLS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -189,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if n not in PROTOCOLS:
             p.error(f"unknown protocol {n!r}; choose from {', '.join(PROTOCOLS)}")
     if not args.report_only:
+        if not args.data_root:
+            p.error("--data-root /path/to/CamVid (SegNet layout) is required, or set PIXREG_CAMVID")
         for n in names:
             run_protocol(n, args.data_root, args.seeds, args.threads)
     rows = [r for r in (collect(n, args.seeds) for n in names) if r is not None]
