@@ -287,8 +287,9 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
             # acc (the softmax gradient) is consumed: reuse it for the product when it fits
             prod = torch.mul(g_zhat, zhat, out=acc) if stride == 1 else g_zhat * zhat
             through_std = (var >= eps * eps).to(z.dtype) * prod.mean(dim=1, keepdim=True)
-            g_c = g_zhat.sub_(zhat.mul_(through_std)).div_(std)
-            torch.sub(g_c, g_c.mean(dim=1, keepdim=True), out=grad[b0:b1])
+            # dL/dz = g_c - mean_K(g_c) with g_c = (g_zhat - zhat * through_std) / std; the mean is
+            # 0: g_zhat pools vectors (softmax - onehot) that sum to 0 over K, and zhat sums to 0
+            torch.div(g_zhat.sub_(zhat.mul_(through_std)), std, out=grad[b0:b1])
         else:
             grad[b0:b1].copy_(g_zhat)  # 0 at ignored pixels (they never pool)
     return numerator, grad
