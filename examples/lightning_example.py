@@ -41,7 +41,7 @@ class TinySegNet(nn.Module):
 
 def make_criterion() -> RegularizedCriterion:
     return RegularizedCriterion({
-        "car": Term(CARLoss(NUM_CLASSES), weight=1.0),
+        "car": Term(CARLoss(NUM_CLASSES), loss_weight=1.0),
         "rch": Term(RCHLoss(NUM_CLASSES, FEAT_DIM), warmup=2),
     })
 

@@ -299,7 +299,7 @@ def test_rch_and_criterion_cast_inputs_to_their_float32_parameters(dtype):
     torch.manual_seed(0)
     feats, logits, labels = torch.randn(2, 6, 5, 5), torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 5, 5))
     feats, logits = feats.to(dtype), logits.to(dtype)  # values representable in `dtype`
-    rch = pixreg.RCHLoss(num_classes=3, in_channels=6, embed_dim=4).eval()
+    rch = pixreg.RCHLoss(num_classes=3, feature_dim=6, embed_dim=4).eval()
     assert torch.equal(rch(feats, logits, labels), rch(feats.float(), logits.float(), labels))
     crit = pixreg.RegularizedCriterion({"car": pixreg.Term(pixreg.CARLoss(num_classes=3), projection=torch.nn.Conv2d(6, 4, 1)),
                                         "rch": pixreg.Term(rch)}).eval()

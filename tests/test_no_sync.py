@@ -66,7 +66,7 @@ def _criterion(k=5, d=8, warmup=0):
     return pixreg.RegularizedCriterion({
         "cplus1": pixreg.Term(CPlus1Loss(k, d), warmup=warmup),
         "car": pixreg.Term(CARLoss(k), warmup=warmup),
-        "rch": pixreg.Term(RCHLoss(k, d, 6), warmup=warmup),
+        "rch": pixreg.Term(RCHLoss(k, d, embed_dim=6), warmup=warmup),
         "car_released": pixreg.Term(CARLoss(k, variant="released", ema_decay=0.9, feature_dim=d)),
         "lall": pixreg.Term(LocallyAdaptiveLoss(window=3)),
     })
@@ -100,8 +100,8 @@ def test_warmup_reads_the_step_once(no_validation):
 
 
 @pytest.mark.parametrize("make", [
-    lambda k, d: RCHLoss(k, d, 6, sets="image", calibration="cosine_to_mean"),
-    lambda k, d: RCHLoss(k, d, 6, prototype_update="before", prototype_source="gt"),
+    lambda k, d: RCHLoss(k, d, embed_dim=6, sets="image", calibration="cosine_to_mean"),
+    lambda k, d: RCHLoss(k, d, embed_dim=6, prototype_update="before", prototype_source="gt"),
     lambda k, d: CPlus1Loss(k, d, centres="learnable"),
     lambda k, d: CARLoss(k, variant="released"),
 ])
