@@ -84,3 +84,45 @@ def test_benchmark_runs_on_a_tiny_configuration(tmp_path):
     assert math.isfinite(res["exponents"]["peak_bytes"]["pixels"]["lall"][4])
     assert all(row[bench_losses.LALL_FLOOR]["median_s"] > 0 for row in res["loss"].values())
     assert "lall/floor" in md
+
+
+def test_reference_networks_step(tmp_path):
+    # the DeepLabV3+ (ResNet-50 layout) and SegFormer-B2-sized references, at tiny widths
+    res = bench_losses.main([
+        "--classes", "4", "--sizes", "16", "--batch", "2", "--width", "8", "--repeats", "1", "--warmup", "0",
+        "--step-repeats", "1", "--naive-classes", "", "--step-classes", "4", "--step-sizes", "32",
+        "--references", "deeplabv3plus_r50,segformer_b2", "--no-memory", "--out", str(tmp_path / "res"),
+    ])
+    assert set(res["step"]) == {"deeplabv3plus_r50 4x32", "segformer_b2 4x32"}
+    for row in res["step"].values():
+        assert all(row[m]["median_s"] > 0 for m in bench_losses.METHODS)
+    md = (tmp_path / "res.md").read_text()
+    assert "deeplabv3plus_r50 4x32 | lall" in md and "lall / ce" in md
+    from reference_models import REFERENCES, ResNet50Trunk
+
+    trunk = ResNet50Trunk()  # the real ResNet-50 sizes: 23.5M parameters without the classifier
+    assert abs(sum(p.numel() for p in trunk.parameters()) / 1e6 - 23.5) < 0.1
+    assert set(REFERENCES) == {"fcn18", "deeplabv3plus_r50", "segformer_b2"}
+
+
+def test_lall_pool_and_rch_gather_scripts(tmp_path):
+    import lall_cpu_pool
+    import rch_gather
+
+    res = lall_cpu_pool.main(["--classes", "5", "--size", "24", "--windows", "5", "--batch", "1", "--repeats", "1",
+                              "--out", str(tmp_path / "pool")])
+    row = res["rows"]["K=5 window=5"]
+    assert row["pool_max_rel_diff"] < 1e-5 and row["correction_pairs_per_pixel"] > 0
+    res = rch_gather.main(["--batch", "1", "--size", "8", "--repeats", "1", "--out", str(tmp_path / "rch")])
+    for r in res["rows"].values():
+        assert r["value_diff"] < 1e-5 and r["grad_max_diff"] < 1e-6
+    assert (tmp_path / "pool.md").exists() and (tmp_path / "rch.md").exists()
+
+
+def test_cuda_grid_script_is_valid_bash():
+    import subprocess
+
+    script = os.path.join(BENCH, "cuda_grid.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    assert "--device cuda" in text and "--compile" in text and "deeplabv3plus_r50" in text
