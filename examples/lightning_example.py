@@ -1,4 +1,4 @@
-"""pixreg with PyTorch Lightning (needs ``pip install 'pixreg[lightning]'``).
+"""pixreg with PyTorch Lightning (needs the ``lightning`` extra: ``pip install -e '.[lightning]'``).
 
 Runs as it stands on CPU in seconds: ``python examples/lightning_example.py``. Trains a
 small network with two regularizers, saves a Lightning checkpoint (the criterion's

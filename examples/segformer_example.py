@@ -1,4 +1,4 @@
-"""pixreg on a Hugging Face transformers SegFormer (needs ``pip install 'pixreg[segformer]'``).
+"""pixreg on a Hugging Face transformers SegFormer (needs the ``segformer`` extra: ``pip install -e '.[segformer]'``).
 
 Runs as it stands on CPU in seconds: ``python examples/segformer_example.py``. The model
 is built from a small config with random weights (nothing is downloaded); with your own

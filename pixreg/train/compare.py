@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from . import dist as dist_utils
+from .checks import check_output_folder, check_settings
 from .config import resolve_config
 from .methods import method_slug
 from .metrics import LOWER_IS_BETTER, METRIC_NAMES
@@ -50,6 +51,9 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
     if not seeds:
         raise ValueError("need at least one seed")
     base_cfg = resolve_config(config_path, overrides, device=device, threads=threads)
+    check_output_folder(out_dir)
+    for slug in slugs:  # every method's settings, datasets and options, before the first run trains
+        check_settings(resolve_config(config_path, overrides, method=slug, seed=int(seeds[0]), device=device, threads=threads))
     ctx = dist_utils.setup(base_cfg["device"])
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -117,6 +117,7 @@ RESUME_MUTABLE = (
     "data.root",
     "data.cache_dir",
     "data.num_workers",
+    "data.check",
     "train.log_every",
     "train.ckpt_every",
     "train.step_delay_s",
@@ -128,7 +129,7 @@ def _yaml():
     try:
         import yaml
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("configuration files need PyYAML: pip install 'pixreg[train]'") from err
+        raise ImportError("configuration files need PyYAML: install pixreg's 'train' extra (pip install -e '.[train]' in a checkout) or pip install pyyaml") from err
     return yaml
 
 
@@ -431,6 +432,7 @@ def validate(cfg: Dict[str, Any]) -> None:
     c.size("data.eval_size", extra=("same",))
     c.integer("data.seed")
     c.flag("data.augment")
+    c.flag("data.check")
     c.text("data.cache_dir", none=True)
     c.text("data.train_split")
     c.text("data.val_split")
