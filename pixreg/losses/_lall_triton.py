@@ -139,11 +139,26 @@ def _unpool_kernel(
     tl.store(out, g, mask=in_img[:, None] & kmask[None, :])
 
 
-#: Whether the kernels below were built for Triton's interpreter (decided once, when Triton
-#: is first imported: the interpreter patches ``triton.language`` process-wide).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_pool_ce = triton.jit(_pool_ce_kernel)
-_unpool = triton.jit(_unpool_kernel)
+#: Whether Triton runs kernels in its interpreter in this process: decided when Triton was
+#: first imported (``TRITON_INTERPRET``), which built ``triton.language`` for one mode; the
+#: kernels below are built for the same mode whatever the variable says now.
+INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
+
+
+def _build(fn):
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if INTERPRETED else "0"
+    try:
+        return triton.jit(fn)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_pool_ce = _build(_pool_ce_kernel)
+_unpool = _build(_unpool_kernel)
 
 
 def kernels(x: torch.Tensor):
