@@ -313,30 +313,6 @@ def test_channel_chunked_pooling_matches_reference(monkeypatch, stride, normaliz
     _assert_value_and_grad_match_reference(logits, labels, window=5, stride=stride, normalize=normalize)
 
 
-@pytest.mark.parametrize("window,kw", [(5, {}), (7, dict(xi="weight_sum")), (3, dict(normalize=None)),
-                                       (5, dict(distance_weights="uniform")), (1, {})])
-def test_box_filters_match_offset_pooling(monkeypatch, window, kw):
-    # CPU at stride 1 pools by box filters plus a boundary correction; the per-offset
-    # pooling (CUDA, strides > 1) is the other path: both against each other on larger,
-    # segmentation-like labels (blocks, ignore lines, borders), then the reference on a small crop
-    import pixreg.losses.lall as lall_mod
-
-    logits, _ = make_inputs(b=2, k=6, h=37, w=41, seed=30)
-    labels = torch.randint(0, 5, (2, 5, 6)).repeat_interleave(8, 1).repeat_interleave(8, 2)[:, :37, :41].clone()
-    labels[:, ::8] = IGN
-    labels[0, 20:23, 5:30] = 3
-    results = []
-    for boxes in (True, False):
-        monkeypatch.setattr(lall_mod, "_BOX_FILTERS", boxes)
-        z = logits.clone().requires_grad_(True)
-        loss = locally_adaptive_loss(z, labels, window=window, **kw).loss
-        results.append((loss, torch.autograd.grad(loss, z)[0]))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-15)
-    monkeypatch.setattr(lall_mod, "_BOX_FILTERS", True)
-    _assert_value_and_grad_match_reference(logits[:1, :, 10:19, 2:13], labels[:1, 10:19, 2:13], window=window, **kw)
-
-
 @pytest.mark.parametrize("group", [2, 3])
 def test_grouped_images_match_reference(monkeypatch, group):
     # On CUDA several images are pooled together (fewer kernel launches); on CPU one at a

@@ -231,80 +231,6 @@ def _pool_into(acc: torch.Tensor, x: torch.Tensor, coefs: torch.Tensor, offsets,
     return acc
 
 
-#: CPU, stride 1: pool by box filters plus a correction at label boundaries
-#: (:func:`_box_pool_into`) rather than one multiply-add per window offset (:func:`_pool_into`);
-#: benchmarks/lall_cpu_pool.py measures both.
-_BOX_FILTERS = True
-
-
-def _box_setup(labels: torch.Tensor, ignore_index: int, window: int, exponential: bool, xi_weight_sum: bool,
-               dtype: torch.dtype):
-    """Set-up of the box-filter decomposition of the pool of one image ``labels (1, H, W)``
-    (stride 1; see :func:`_box_pool_into`): ``(plan, xi, valid, target)`` with ``xi``,
-    ``valid``, ``target`` as :func:`_group_setup`'s and ``plan = (coefs, pairs)``:
-
-    * ``coefs[r]``: the weight of the ``(2r+1) x (2r+1)`` box sum: ``w_r - w_{r+1}``
-      (``w_r = 2^(1-r)`` or 1), ``w_R`` for the whole window: ``2^(1 - d8) = 1*box1 +
-      0.5*box3 + 0.5*box5`` at window 5;
-    * ``pairs``: per window offset ``(di, dj)``, the flat indices of the valid centres whose
-      neighbour at that offset is valid with another label, those neighbours' flat indices,
-      and the offset's weight: what the box sums wrongly include (ignored neighbours are 0
-      in what is pooled, and neighbours outside the image are the boxes' zero padding).
-    """
-    _, h, w = labels.shape
-    radius = window // 2
-    weights = [2.0 ** (1 - r) if exponential else 1.0 for r in range(radius + 1)]
-    coefs = [weights[r] - weights[r + 1] for r in range(radius)] + [weights[radius]]
-    valid = labels != ignore_index
-    padded = F.pad(labels, (radius,) * 4, value=ignore_index)
-    xi = torch.zeros(labels.shape, dtype=dtype)
-    pairs = []
-    for di in range(-radius, radius + 1):
-        for dj in range(-radius, radius + 1):
-            wt = weights[max(abs(di), abs(dj))]
-            nb = padded[:, radius + di:radius + di + h, radius + dj:radius + dj + w]
-            xi.add_(((nb == labels) & valid).to(dtype), alpha=wt if xi_weight_sum else 1.0)
-            other = valid & (nb != labels) & (nb != ignore_index)
-            centres = other.view(-1).nonzero()[:, 0]  # CPU only: the host copy costs nothing
-            if centres.numel():
-                pairs.append((centres, centres + (di * w + dj), wt))
-    xi = torch.where(xi > 0, xi, torch.ones_like(xi))
-    target = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    return (coefs, pairs), xi, valid, target
-
-
-def _box_pool_into(out: torch.Tensor, x: torch.Tensor, plan, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """The pool of :func:`_pool_into` for one image ``x (1, K, H, W)`` at stride 1, by box
-    filters: ``out = sum_r coefs[r] * box_(2r+1)(x)`` (separable shifted row and column sums,
-    zero outside the image, a cache-sized chunk of channels at a time; ``row``, ``col``:
-    scratch of one chunk), minus ``w * x[q]`` for every centre ``p`` whose neighbour ``q``
-    carries another valid label (``plan`` from :func:`_box_setup`). Exact wherever ``x`` is 0
-    at ignored pixels, up to the order of the additions. The operator is symmetric, so the
-    same call is its adjoint (the backward), up to the rows of ignored pixels, which the
-    caller zeroes or never uses."""
-    coefs, pairs = plan
-    starts, step = _channel_chunks(x)
-    for k0 in starts:
-        xs, o = x[:, k0:k0 + step], out[:, k0:k0 + step]
-        r, c = row[:, :xs.shape[1]], col[:, :xs.shape[1]]
-        torch.mul(xs, coefs[0], out=o)
-        r.copy_(xs)
-        for rad in range(1, len(coefs)):
-            r[..., rad:].add_(xs[..., :-rad])
-            r[..., :-rad].add_(xs[..., rad:])
-            if coefs[rad] == 0:
-                continue
-            c.copy_(r)
-            for d in range(1, rad + 1):
-                c[..., d:, :].add_(r[..., :-d, :])
-                c[..., :-d, :].add_(r[..., d:, :])
-            o.add_(c, alpha=coefs[rad])
-    flat_out, flat_x = out.view(out.shape[1], -1), x.view(x.shape[1], -1)
-    for centres, neighbours, wt in pairs:
-        flat_out[:, centres] -= wt * flat_x[:, neighbours]
-    return out
-
-
 def _lse_into(scratch: torch.Tensor, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``logsumexp`` of ``acc (g, K, Hc, Wc)`` over the class axis and the sum it is the log
     of, ``sum_k exp(acc - max)`` (both ``(g, Hc, Wc)``); leaves ``exp(acc - max)`` in
@@ -336,11 +262,6 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
     ignored = (labels == ignore_index).unsqueeze(1)
     hc, wc = -(-height // stride), -(-width // stride)
     group = _group_size(z, len(offsets))
-    # CPU, stride 1: the pool by box filters plus a correction at label boundaries (fewer passes)
-    boxes = _BOX_FILTERS and not z.is_cuda and stride == 1 and group == 1
-    if boxes:
-        row = z.new_empty(1, min(k, _channel_chunks(z[:1])[1]), height, width)
-        col = torch.empty_like(row)
     zhat_buf = z.new_empty(group, k, height, width)
     acc_buf = z.new_empty(group, k, hc, wc)
     scratch_buf = z.new_empty(group, k, height, width)  # exp(acc - max), then the gradient of zhat
@@ -349,16 +270,10 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
     for b0 in range(0, batch, group):
         b1 = min(batch, b0 + group)
         zhat, acc, scratch = zhat_buf[:b1 - b0], acc_buf[:b1 - b0], scratch_buf[:b1 - b0]
-        if boxes:
-            plan, xi, valid, target = _box_setup(labels[b0:b1], ignore_index, window, exponential, xi_weight_sum,
-                                                 z.dtype)
-            pool = lambda out, x, transpose=False: _box_pool_into(out, x, plan, row, col)  # noqa: E731
-        else:
-            coefs, xi, valid, target = _group_setup(labels[b0:b1], ignore_index, offsets, window // 2, stride,
-                                                    xi_weight_sum, z.dtype)
-            pool = lambda out, x, transpose=False: _pool_into(out, x, coefs, offsets, transpose)  # noqa: E731
+        coefs, xi, valid, target = _group_setup(labels[b0:b1], ignore_index, offsets, window // 2, stride,
+                                                xi_weight_sum, z.dtype)
         _, std, var = _zscore_into(zhat, scratch, z[b0:b1], ignored[b0:b1], normalize, eps)
-        pool(acc, zhat).div_(xi.unsqueeze(1))
+        _pool_into(acc, zhat, coefs, offsets).div_(xi.unsqueeze(1))
         exp_shift = scratch[..., :hc, :wc] if stride == 1 else scratch.new_empty(acc.shape)
         lse, exp_sum = _lse_into(exp_shift, acc)
         tgt = target.unsqueeze(1)
@@ -371,7 +286,7 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
         scale = torch.where(valid, dce, torch.zeros_like(dce)) * grad_numerator / xi
         g_acc = torch.div(exp_shift, exp_sum.unsqueeze(1), out=acc)  # softmax
         g_acc.scatter_add_(1, tgt, torch.full_like(g_acc[:, :1], -1.0)).mul_(scale.unsqueeze(1))
-        g_zhat = pool(scratch, g_acc, transpose=True)
+        g_zhat = _pool_into(scratch, g_acc, coefs, offsets, transpose=True)
         if normalize:
             # zhat = c / std, c = z - mean(z), std = sqrt(max(var, eps^2)), var = mean(c^2)
             # acc (the softmax gradient) is consumed: reuse it for the product when it fits
@@ -381,7 +296,7 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
             # 0: g_zhat pools vectors (softmax - onehot) that sum to 0 over K, and zhat sums to 0
             torch.div(g_zhat.sub_(zhat.mul_(through_std)), std, out=grad[b0:b1])
         else:
-            grad[b0:b1].copy_(g_zhat.masked_fill_(ignored[b0:b1], 0.0))  # ignored pixels never pool
+            grad[b0:b1].copy_(g_zhat)  # 0 at ignored pixels (they never pool)
     return numerator, grad
 
 
