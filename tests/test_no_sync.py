@@ -5,7 +5,8 @@ step can be captured in a CUDA graph / ``torch.compile(mode="reduce-overhead")``
 ``torch.cuda.set_sync_debug_mode`` needs a GPU; on CPU a dispatch mode records every aten
 operator run (forward and backward) and the test refuses those that copy a value to the
 host (``_local_scalar_dense``: ``.item()``, ``bool()``, ``int()``, ``float()``) or whose
-output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``, ...).
+output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``, ...) or copy a Python value from the host
+(``torch.tensor(...)``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SYNCING = {
     "_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique", "_unique", "_unique2",
     "unique_consecutive", "unique_dim", "bincount", "histc", "equal", "is_nonzero", "allclose", "item",
     "repeat_interleave.Tensor", "_assert_async", "tolist",
+    "lift_fresh",  # torch.tensor(python value): a host-to-device copy on CUDA (not capturable)
 }
 
 
