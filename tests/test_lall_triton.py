@@ -1,4 +1,4 @@
-"""The fused Triton LALL kernels (pixreg/losses/_lall_triton.py), run on CPU tensors by
+"""The fused Triton LALL kernels (pixreg/kernels/lall_triton.py), run on CPU tensors by
 Triton's interpreter (``TRITON_INTERPRET=1``, set by the root conftest.py when CUDA is
 unavailable), against the float64 loop reference of tests/test_lall.py (written from the
 equations, never calling the code under test): values and gradients with ignore pixels,
@@ -19,7 +19,7 @@ if importlib.util.find_spec("triton") is None:
 
 from test_lall import IGN, make_inputs, ref_loss  # noqa: E402
 
-import pixreg.losses._lall_triton as lall_triton  # noqa: E402
+import pixreg.kernels.lall_triton as lall_triton  # noqa: E402
 from pixreg.losses.lall import LocallyAdaptiveLoss, locally_adaptive_loss  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

@@ -66,7 +66,7 @@ _BACKENDS = ("auto", "triton", "torch")
 
 
 def _triton_available() -> bool:
-    """Whether Triton is installed (not imported here: see :mod:`._lall_triton` for why)."""
+    """Whether Triton is installed (not imported here: see :mod:`pixreg.kernels.lall_triton` for why)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -437,7 +437,7 @@ def locally_adaptive_loss(
         valid = centre_labels != ignore_index
         flags = (distance_weights == "exponential", xi == "weight_sum", normalize == "zscore")
         if _resolve_backend(backend, z) == "triton":
-            from ._lall_triton import lall_ce
+            from ..kernels.lall_triton import lall_ce
 
             ce = lall_ce(z, labels, ignore_index, window, *flags, eps, stride)  # 0 at ignored centres
             numerator = ce.pow(power).sum() if power != 1 else ce.sum()
