@@ -254,10 +254,10 @@ def car_loss(
         if threshold_classes == "present":
             denom = (n_present - 1).clamp(min=0)
         else:
-            denom = torch.tensor(float(k - 1), dtype=dt, device=x.device)
+            denom = torch.full((), float(k - 1), dtype=dt, device=x.device)
         zero = x.new_zeros(())
         n_valid = valid.sum()
-        n_all = torch.tensor(n, dtype=dt, device=x.device)
+        n_all = torch.full((), float(n), dtype=dt, device=x.device)
 
         if variant == "paper":
             terms = _paper_terms(
