@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _machine import machine  # noqa: E402
 
-from pixreg.losses._common import dump_labels, resize_labels  # noqa: E402
+from pixreg.losses import resize_labels  # noqa: E402
 from pixreg.losses.car import car_loss  # noqa: E402
 from pixreg.losses.rch import rch_loss, rch_update_prototypes  # noqa: E402
 
@@ -216,7 +216,7 @@ def _replica_mean(x: torch.Tensor, y: torch.Tensor, r: int, term: str) -> float:
     b, d = x.shape[:2]
     flat = x.permute(0, 2, 3, 1).reshape(-1, d)
     lab = resize_labels(y, tuple(x.shape[-2:]), "align_corners").reshape(-1)
-    dl = dump_labels(lab, K, IGN)
+    dl = torch.where(lab == IGN, torch.full_like(lab, K), lab)  # ignored -> dump row K
     sums = torch.zeros(K + 1, d, dtype=DT).index_add(0, dl, flat)[:K]
     counts = torch.bincount(dl, minlength=K + 1)[:K].to(DT)
     centres = sums / counts.clamp(min=1)[:, None]
