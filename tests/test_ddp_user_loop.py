@@ -68,6 +68,8 @@ def assert_two_equal_one(states: dict) -> None:
     ref = states["one"]
     for name in ("two", "two_unused"):
         assert states[name].keys() == ref.keys()
+        diff = max(float((states[name][k].double() - v.double()).abs().max()) for k, v in ref.items() if v.numel())
+        print(f"max |{name} - one process| = {diff:.2e}")
         for k, v in ref.items():
             torch.testing.assert_close(states[name][k], v, rtol=1e-4, atol=2e-5, msg=f"{name} {k}")
 
@@ -215,3 +217,5 @@ def test_off_terms_touch_their_parameters_with_zero():
     out = wrapped(images, labels)
     assert float(out.terms["lall"]) > 0 and int(crit.step) == step  # LALL was off in training
     assert out.output.shape == (B, K, HW, HW) and wrapped.capture.features == {}
+    with pytest.raises(TypeError, match="RegularizedCriterion"):
+        type(wrapped)(wrapped.model, nn.CrossEntropyLoss(), layers="1")
