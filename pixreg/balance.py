@@ -173,6 +173,9 @@ class CollapseGuard:
 
     Args:
         start_step: steps before which nothing is checked (e.g. the longest warm-up).
+        min_steps: further steps before the single-class check starts: a model trained from
+            scratch predicts the majority class only for its first tens of steps (a healthy
+            scenes run did so up to step 50, issue 13), which is not a collapse.
         single_class_share: a batch "predicts one class" when one class takes at least
             this share of the predicted pixels (valid pixels only) while the labels hold
             at least two classes.
@@ -190,11 +193,12 @@ class CollapseGuard:
     ``degenerate`` is True once a sustained single-class prediction was seen.
     """
 
-    def __init__(self, *, start_step: int = 0, single_class_share: float = 0.99, patience: int = 5,
+    def __init__(self, *, start_step: int = 0, min_steps: int = 200, single_class_share: float = 0.99, patience: int = 10,
                  check_every: int = 10, max_ratio: Union[float, Mapping[str, float]] = DEFAULT_MAX_RATIO,
                  max_centre_cosine: float = 0.99,
                  class_names: Optional[Sequence[str]] = None, ignore_index: int = 255) -> None:
         self.start_step = int(start_step)
+        self.min_steps = int(min_steps)
         self.single_class_share = float(single_class_share)
         self.patience = int(patience)
         self.check_every = max(int(check_every), 1)
@@ -301,7 +305,8 @@ class CollapseGuard:
         if step < self.start_step:
             return []
         out = self._ratio_messages(step, terms)
-        if logits is not None and labels is not None and step % self.check_every == 0:
+        if (logits is not None and labels is not None and step % self.check_every == 0
+                and step >= self.start_step + self.min_steps):
             out += self._collapse_check(step, logits, labels)
         return out
 

@@ -202,8 +202,8 @@ class RegularizedCriterion(nn.Module):
     def _warmup_step(self) -> Optional[int]:
         """The step number while some term is still warming up, else None."""
         last = max((spec.warmup for spec in self.specs.values()), default=0)
-        if self._host_step is None:
-            self._host_step = int(self.step) if last > 0 else 0
+        if self._host_step is None:  # one read after construction or loading (also for the balance counter)
+            self._host_step = int(self.step)
         return self._host_step if self._host_step < last else None
 
     def _check_class_weight(self, class_weight) -> torch.Tensor:
@@ -330,10 +330,10 @@ class RegularizedCriterion(nn.Module):
         if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         step = self._warmup_step()
+        count = self._host_step  # this call's step number, counted on the host (gradient balance)
         if self.training:
             self.step += 1
-            if step is not None:
-                self._host_step = step + 1
+            self._host_step = count + 1
         # Evaluation order is chosen for memory (autograd runs the most recently created nodes
         # first). A regularizer whose backward makes a logits-sized gradient (LALL) is
         # evaluated before CE, so that CE's backward (whose log-softmax output and gradients
@@ -366,8 +366,8 @@ class RegularizedCriterion(nn.Module):
             if name not in before_ce:
                 evaluate(name)
         diagnostics = {}
-        if ce is not None and self._measure_now(step, raw_values):
-            diagnostics = self._measure(step, ce, raw_values, model_logits, features)
+        if ce is not None and self._measure_now(count, raw_values):
+            diagnostics = self._measure(count, ce, raw_values, model_logits, features)
         for name in self.specs:
             if name not in raw_values:  # still warming up
                 total = total + self._untouched_parameters(name)

@@ -248,7 +248,7 @@ def test_ddp_same_weight_on_every_rank_equal_to_one_process():
 
 # ------------------------------------------------------------------------ collapse guard
 def test_guard_warns_once_on_sustained_single_class():
-    guard = CollapseGuard(start_step=5, patience=3, check_every=1, class_names=["background", "a", "b", "c"])
+    guard = CollapseGuard(start_step=5, min_steps=0, patience=3, check_every=1, class_names=["background", "a", "b", "c"])
     labels = torch.randint(0, K, (2, 8, 8))
     logits = torch.zeros(2, K, 8, 8)
     logits[:, 0] = 5.0  # predicts background everywhere
@@ -257,11 +257,13 @@ def test_guard_warns_once_on_sustained_single_class():
         msgs += guard.update(s, {"ratio/car": torch.tensor(0.2)}, logits, labels)
     assert len(msgs) == 1 and "class 0 (background)" in msgs[0] and "'car' 0.2x" in msgs[0]
     assert guard.degenerate and guard.summary()["warnings"][0]["step"] == 7
-    healthy = CollapseGuard(patience=2, check_every=1)
+    early = CollapseGuard(patience=3, check_every=1)  # default: no single-class check in the first 200 steps
+    assert not any(early.update(s, {}, logits, labels) for s in range(150)) and not early.degenerate
+    healthy = CollapseGuard(min_steps=0, patience=2, check_every=1)
     mixed = torch.randn(2, K, 8, 8)
     assert not any(healthy.update(s, {}, mixed, labels) for s in range(10)) and not healthy.degenerate
     # interrupted runs of single-class batches are not sustained
-    interrupted = CollapseGuard(patience=3, check_every=1)
+    interrupted = CollapseGuard(min_steps=0, patience=3, check_every=1)
     for s in range(10):
         interrupted.update(s, {}, logits if s % 2 else mixed, labels)
     assert not interrupted.degenerate
