@@ -56,6 +56,7 @@ DEFAULTS: Dict[str, Any] = {
         "test_splits": ["test", "test_openset"],  # evaluated at the end of training, written to metrics.json
         "num_workers": 0,
         "opts": {"digits": [0, 1, 2, 3, 4]},  # extra keyword options of pixreg.data.build_dataset
+        "features": None,  # frozen-encoder protocol: cached encoder features (pixreg.train.features)
     },
     "model": {
         "name": "fcn_resnet",
@@ -97,7 +98,7 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 #: Sections whose sub-keys are free-form (checked by whoever consumes them).
-FREE_FORM = ("data.opts", "model.opts", "methods")
+FREE_FORM = ("data.opts", "data.features", "model.opts", "methods")
 
 #: Keys that may differ between a run's saved config and the config given to ``--resume``
 #: (they do not change what is computed).
@@ -106,6 +107,8 @@ RESUME_MUTABLE = (
     "threads",
     "data.root",
     "data.cache_dir",
+    "data.features.cache_dir",
+    "data.features.batch_size",
     "data.num_workers",
     "train.log_every",
     "train.ckpt_every",

@@ -115,6 +115,10 @@ def make_dataset(cfg: Mapping[str, Any], split: str, *, train: bool = False, cac
     from ..data import build_dataset
 
     d = cfg["data"]
+    if d.get("features"):  # frozen-encoder protocol: cached encoder features (pixreg.train.features)
+        from .features import feature_dataset
+
+        return feature_dataset(cfg, split, train=train)
     size = d["size"]
     if not train:
         size = size if d.get("eval_size", "same") == "same" else d.get("eval_size")
@@ -207,6 +211,14 @@ def _amp_context(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def to_device(x: Any, device: torch.device) -> Any:
+    """``x.to(device)`` for a tensor, element-wise for a list/tuple of tensors (the feature
+    levels of the frozen-encoder protocol)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(t.to(device, non_blocking=True) for t in x)
+    return x.to(device, non_blocking=True)
+
+
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, batch_size: int = 16, device: torch.device | str = "cpu",
@@ -230,7 +242,7 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 16, device: torch.d
     try:
         for groups in bar:
             for batch in groups:
-                images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                images, labels = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
                 distractor = batch[2] if len(batch) > 2 else None
                 with _amp_context(amp, device):
                     logits = model(images)
@@ -545,7 +557,7 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     step = start_step
     try:
         for batch in loader:
-            images = batch[0].to(device, non_blocking=True)
+            images = to_device(batch[0], device)
             labels = batch[1].to(device, non_blocking=True)
             lr = float(optimizer.param_groups[0]["lr"])
             with _amp_context(bool(t_cfg["amp"]), device):
