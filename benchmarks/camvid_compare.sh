@@ -21,7 +21,7 @@ shift $(( $# > 2 ? 2 : $# )) || true
 STEPS=${STEPS:-1600}
 OUT=runs/camvid_compare
 [ "$STEPS" = 800 ] || OUT=runs/camvid_compare_$STEPS
-ARGS=(compare --config configs/camvid.yaml --data-root "$ROOT" --methods "$METHODS" --seeds 3 --out "$OUT"
+ARGS=(compare --config camvid --data-root "$ROOT" --methods "$METHODS" --seeds 3 --out "$OUT"
       --set "data.size=[90, 120]" --set "model.opts={width: 16, depth: 10, head_channels: 64}"
       --set train.steps=$STEPS --set train.eval_every=0 --set train.warmup_steps=50
       --set methods.cplus1.background_index=0 --no-progress "$@")

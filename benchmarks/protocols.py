@@ -50,7 +50,7 @@ METHODS = ("ce", "lall")
 
 
 def run_protocol(name: str, data_root: str, seeds: int, threads: int) -> None:
-    cmd = [sys.executable, "-m", "pixreg", "compare", "--config", "configs/camvid.yaml", "--data-root", data_root,
+    cmd = [sys.executable, "-m", "pixreg", "compare", "--config", "camvid", "--data-root", data_root,
            "--methods", ",".join(METHODS), "--seeds", str(seeds), "--out", f"runs/protocols/{name}",
            "--threads", str(threads), "--no-progress"]
     for o in COMMON + PROTOCOLS[name][1]:

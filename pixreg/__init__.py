@@ -13,7 +13,7 @@ from .hooks import FeatureCapture
 from .losses import CARLoss, CPlus1Loss, LocallyAdaptiveLoss, LossOutput, RCHLoss, Regularizer
 from .losses._common import set_validation
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CPlus1Loss", "CARLoss", "LocallyAdaptiveLoss", "RCHLoss",

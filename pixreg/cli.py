@@ -2,12 +2,12 @@
 
 Examples::
 
-    pixreg train --config configs/scenes.yaml --method car --seed 0 --out runs/car
+    pixreg train --config scenes --method car --seed 0 --out runs/car
     pixreg train --out runs/car --resume                   # continue a killed run
     pixreg eval runs/car --splits test,test_openset        # re-evaluate a run's checkpoint
-    pixreg compare --config configs/scenes.yaml --methods ce,cplus1,car,lall,rch --seeds 2 --out runs/cmp
+    pixreg compare --config scenes --methods ce,cplus1,car,lall,rch --seeds 2 --out runs/cmp
     pixreg diagnose runs/ce runs/car --out runs/diag           # HTML report of what the regularizer did
-    pixreg train --config configs/camvid.yaml --data-root /data/camvid --set train.steps=2000 --set model.opts.width=32
+    pixreg train --config camvid --data-root /data/camvid --set train.steps=2000 --set model.opts.width=32
 
 Every option of the YAML configuration can be overridden with ``--set key.sub=value``
 (the value is parsed as YAML). ``python -m pixreg`` is the same program. Under
@@ -28,7 +28,7 @@ __all__ = ["main", "build_parser"]
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", "-c", default=None,
-                       help="YAML configuration (default: the built-in defaults, identical to configs/scenes.yaml)")
+                       help="YAML configuration (default: the built-in defaults, identical to the built-in 'scenes'); a path or a built-in name: scenes, camvid")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="device (default: config, auto)")

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/pixreg compare --config configs/scenes.yaml --methods ce,cplus1,car,lall,rch --seeds 2 --out runs/quickstart "$@"
+exec .venv/bin/pixreg compare --config scenes --methods ce,cplus1,car,lall,rch --seeds 2 --out runs/quickstart "$@"

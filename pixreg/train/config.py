@@ -1,8 +1,9 @@
 """Run configuration: built-in defaults < YAML file < ``--set key.sub=value`` overrides.
 
 A configuration is a plain nested ``dict``. :data:`DEFAULTS` lists every key the
-trainer reads; a YAML file (``configs/scenes.yaml``, ``configs/camvid.yaml``) overrides
-some of them, and ``--set`` overrides (values parsed as YAML: ``--set train.lr=0.01``,
+trainer reads; a YAML file overrides some of them: a path, or the name of a configuration
+shipped inside the package (:func:`builtin_configs`: ``scenes``, ``camvid``; ``--config camvid``
+works from an installed wheel, see :func:`find_config`), and ``--set`` overrides (values parsed as YAML: ``--set train.lr=0.01``,
 ``--set data.size=[64,64]``, ``--set methods.car.weight=0.5``) come last.
 
 Unknown keys are errors (typos would otherwise be silently ignored), except below the
@@ -23,6 +24,8 @@ __all__ = [
     "DEFAULTS",
     "FREE_FORM",
     "RESUME_MUTABLE",
+    "builtin_configs",
+    "find_config",
     "load_yaml",
     "dump_yaml",
     "merge",
@@ -35,7 +38,7 @@ __all__ = [
 ]
 
 #: Every key the trainer reads, with its default. The defaults are the embedded
-#: ``scenes`` dataset setting of ``configs/scenes.yaml`` (a test keeps them equal): a
+#: ``scenes`` dataset setting of the built-in ``scenes`` configuration (a test keeps them equal): a
 #: small FCN-ResNet-10 (width 16, OS 8) trained 800 steps of 8 images at 96x96 with
 #: AdamW, about 40-70 s per run on 2 CPU cores (LALL is the slowest).
 DEFAULTS: Dict[str, Any] = {
@@ -123,6 +126,40 @@ def _yaml():
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("configuration files need PyYAML: pip install 'pixreg[train]'") from err
     return yaml
+
+
+def _config_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def builtin_configs() -> List[str]:
+    """Names of the configurations shipped as package data (``pixreg/configs/NAME.yaml``).
+
+    >>> builtin_configs()
+    ['camvid', 'scenes']
+    """
+    return sorted(n[:-5] for n in os.listdir(_config_dir()) if n.endswith(".yaml"))
+
+
+def find_config(name_or_path: str | os.PathLike) -> str:
+    """The YAML file for ``--config``: an existing path, else a built-in name (``camvid``,
+    ``camvid.yaml``, or the former repository path ``configs/camvid.yaml``).
+
+    Raises ``FileNotFoundError`` naming the argument and the built-in names.
+
+    >>> os.path.basename(find_config("camvid"))
+    'camvid.yaml'
+    """
+    text = os.fspath(name_or_path)
+    if os.path.isfile(text):
+        return text
+    stem = os.path.basename(text)
+    stem = stem[:-5] if stem.endswith(".yaml") else stem
+    parent = os.path.dirname(text)
+    if parent in ("", "configs") and stem in builtin_configs():
+        return os.path.join(_config_dir(), stem + ".yaml")
+    raise FileNotFoundError(f"--config {text!r}: no such file, and not a built-in configuration "
+                            f"(built-in: {', '.join(builtin_configs())})")
 
 
 def load_yaml(path: str | os.PathLike) -> Dict[str, Any]:
@@ -220,7 +257,7 @@ def resolve_config(path: Optional[str | os.PathLike], overrides: Sequence[str] =
     (e.g. ``method=``, ``seed=``, ``device=`` from dedicated command-line flags)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        cfg = merge_layer(cfg, load_yaml(path))
+        cfg = merge_layer(cfg, load_yaml(find_config(path)))
     cfg = apply_overrides(cfg, overrides)
     for key, value in top.items():
         if value is not None:
