@@ -62,7 +62,7 @@ def test_camvid_yaml_resolves_without_scenes_options():
 def test_builtin_configs_by_name_or_former_path(tmp_path, monkeypatch):
     from pixreg.train.config import builtin_configs, find_config
 
-    assert builtin_configs() == ["camvid", "scenes"]
+    assert builtin_configs() == ["camvid", "camvid_frozen", "scenes"]
     packaged = find_config("camvid")
     assert os.path.isfile(packaged) and os.path.dirname(packaged).endswith(os.path.join("pixreg", "configs"))
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: names resolve to the package data

@@ -2,7 +2,7 @@
 
 A configuration is a plain nested ``dict``. :data:`DEFAULTS` lists every key the
 trainer reads; a YAML file overrides some of them: a path, or the name of a configuration
-shipped inside the package (:func:`builtin_configs`: ``scenes``, ``camvid``; ``--config camvid``
+shipped inside the package (:func:`builtin_configs`: ``scenes``, ``camvid``, ``camvid_frozen``; ``--config camvid``
 works from an installed wheel, see :func:`find_config`), and ``--set`` overrides (values parsed as YAML: ``--set train.lr=0.01``,
 ``--set data.size=[64,64]``, ``--set methods.car.weight=0.5``) come last.
 
@@ -136,7 +136,7 @@ def builtin_configs() -> List[str]:
     """Names of the configurations shipped as package data (``pixreg/configs/NAME.yaml``).
 
     >>> builtin_configs()
-    ['camvid', 'scenes']
+    ['camvid', 'camvid_frozen', 'scenes']
     """
     return sorted(n[:-5] for n in os.listdir(_config_dir()) if n.endswith(".yaml"))
 
