@@ -69,7 +69,7 @@ def test_builtin_configs_by_name_or_former_path(tmp_path, monkeypatch):
     assert find_config("configs/camvid.yaml") == packaged == find_config("camvid.yaml")
     (tmp_path / "camvid").write_text("seed: 3\n")  # an existing file wins over a built-in name
     assert find_config("camvid") == "camvid" and resolve_config("camvid")["seed"] == 3
-    with pytest.raises(FileNotFoundError, match=r"--config 'nosuch'.*built-in: camvid, scenes"):
+    with pytest.raises(FileNotFoundError, match=r"--config 'nosuch'.*built-in: camvid, camvid_frozen, scenes"):
         resolve_config("nosuch")
     with pytest.raises(FileNotFoundError, match="elsewhere/camvid.yaml"):
         find_config("elsewhere/camvid.yaml")  # a real path is never silently replaced
