@@ -190,3 +190,20 @@ def test_compare_jobs_on_cached_features_equals_sequential_and_resumes(tmp_path,
     assert again["splits"]["test"]["methods"]["car"]["mIoU"]["values"] == par["splits"]["test"]["methods"]["car"]["mIoU"]["values"]
     with pytest.raises(ValueError, match="thread budget"):
         compare(None, ["ce"], [0], par_dir, overrides=overrides, threads=1, jobs=2, **quiet)
+
+
+def test_compare_report_has_per_class_iou_and_flags_single_class_models():
+    from pixreg.train.compare import predicts_one_class, render_markdown, summarize
+
+    def run(miou, per_class):
+        return {"class_names": list(per_class), "train_time_s": 1.0,
+                "splits": {"test": {"mIoU": miou, "mAcc": 50.0, "aAcc": 90.0, "per_class_iou": per_class}}}
+
+    ok, flat = {"road": 90.0, "car": 40.0, "sign": 10.0}, {"road": 80.0, "car": 0.5, "sign": 0.0}
+    assert not predicts_one_class({"per_class_iou": ok}) and predicts_one_class({"per_class_iou": flat})
+    runs = {"ce": {0: run(46.7, ok), 1: run(46.7, ok)}, "car": {0: run(26.8, flat), 1: run(46.0, ok)}}
+    s = summarize(runs, [0, 1], ["ce", "car"])
+    assert s["splits"]["test"]["methods"]["car"]["single_class_seeds"] == [0]
+    md = render_markdown(s)
+    assert "**Single-class models**" in md and "`car` seeds [0]" in md
+    assert "| class | ce | car |" in md and "| car | 40.0 | 20.2 |" in md  # (0.5 + 40) / 2 = 20.25

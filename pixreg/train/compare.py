@@ -35,7 +35,7 @@ from .metrics import LOWER_IS_BETTER, METRIC_NAMES
 from .stats import DETECTABLE_NAME, INTERVAL_NAME, mean_std, paired_interval, seeds_needed, verdict
 from .trainer import progress_bar, train, write_json
 
-__all__ = ["compare", "summarize", "render_markdown", "plot_per_class"]
+__all__ = ["compare", "summarize", "render_markdown", "plot_per_class", "predicts_one_class"]
 
 _LABELS = {"mIoU": "mIoU", "mAcc": "mAcc", "aAcc": "aAcc", "bg_to_coi": "bg→CoI", "distractor_to_coi": "distractor→CoI"}
 
@@ -207,9 +207,17 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequen
             classes = list(runs[me][seeds[0]]["splits"][split].get("per_class_iou", {}))
             entry["per_class_iou"] = {c: mean_std([runs[me][s]["splits"][split]["per_class_iou"].get(c) for s in seeds]) for c in classes}
             entry["train_time_s"] = mean_std([runs[me][s].get("train_time_s") for s in seeds])
+            entry["single_class_seeds"] = [s for s in seeds if predicts_one_class(runs[me][s]["splits"][split])]
             per_split["methods"][me] = entry
         out["splits"][split] = per_split
     return out
+
+
+def predicts_one_class(split_metrics: Mapping[str, Any]) -> bool:
+    """Whether a model predicts (almost) nothing but one class on a split: every class but the
+    best has an IoU below 1 %. Numbers from such a run say little and are flagged."""
+    ious = sorted(v for v in (split_metrics.get("per_class_iou") or {}).values() if v is not None and v == v)
+    return len(ious) > 1 and ious[-2] < 1.0
 
 
 def _num(v: Optional[float], nd: int = 2) -> str:
@@ -239,6 +247,13 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             cells.append(_num(e["train_time_s"]["mean"], 0))
             lines.append(f"| {me} | " + " | ".join(cells) + " |")
         lines.append("")
+        flagged = {me: data["methods"][me].get("single_class_seeds") for me in methods}
+        flagged = {me: v for me, v in flagged.items() if v}
+        if flagged:
+            lines.append("**Single-class models** (every class but one below 1 % IoU; their numbers say little): "
+                         + "; ".join(f"`{me}` seeds {v}" for me, v in flagged.items()) + ".")
+            lines.append("")
+        lines.extend(_per_class_table(data, methods))
         others = [me for me in methods if me != base]
         if others:
             lines.append(f"Paired difference to `{base}` (mean [95% CI]; * = interval excludes 0):")
@@ -261,6 +276,19 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             if "mIoU" in metrics:
                 lines.extend(_power_table(data, others, base, len(seeds)))
     return "\n".join(lines)
+
+
+def _per_class_table(data: Mapping[str, Any], methods: Sequence[str]) -> List[str]:
+    """Per-class IoU, mean over seeds (classes as rows)."""
+    classes = list(data["methods"][methods[0]].get("per_class_iou") or {})
+    if not classes:
+        return []
+    lines = ["Per-class IoU (%, mean over seeds):", "", "| class | " + " | ".join(methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(_num(data["methods"][me]["per_class_iou"][c]["mean"], 1) for me in methods) + " |")
+    lines.append("")
+    return lines
 
 
 def _power_table(data: Mapping[str, Any], others: Sequence[str], base: str, n_seeds: int) -> List[str]:
