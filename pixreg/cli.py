@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", "-j", type=int, default=1,
                    help="runs trained at once in separate processes, sharing the --threads budget "
                         "(default 1; e.g. --jobs 2 --threads 2: two 1-thread runs)")
+    c.add_argument("--report-only", action="store_true",
+                   help="train nothing: summarise the seeds whose runs of every method have finished")
 
     d = sub.add_parser("diagnose", help="report what the regularizers did to the pixel features of trained runs (HTML + PNG + CSV/JSON)")
     d.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding config.yaml and checkpoints/)")
@@ -174,7 +176,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         name = resolve_config(args.config, _overrides(args))["data"]["name"]
         out = os.path.join("runs", f"compare_{name}")
     compare(args.config, methods, seeds, out, overrides=_overrides(args), device=args.device,
-            progress=not args.no_progress, threads=args.threads, jobs=args.jobs)
+            progress=not args.no_progress, threads=args.threads, jobs=args.jobs,
+            report_only=args.report_only)
     return 0
 
 

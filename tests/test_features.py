@@ -188,6 +188,10 @@ def test_compare_jobs_on_cached_features_equals_sequential_and_resumes(tmp_path,
         t = os.path.getmtime(os.path.join(par_dir, k[0], f"seed{k[1]}", "metrics.json"))
         assert (t == stamps[k]) == (k != ("car", 1))
     assert again["splits"]["test"]["methods"]["car"]["mIoU"]["values"] == par["splits"]["test"]["methods"]["car"]["mIoU"]["values"]
+    # --report-only: trains nothing, summarises the seeds finished for every method
+    rep = compare(None, ["ce", "car"], [0, 1, 2], par_dir, overrides=overrides, report_only=True, **quiet)
+    assert rep["seeds"] == [0, 1] and not os.path.exists(os.path.join(par_dir, "ce", "seed2"))
+    assert rep["splits"]["test"]["methods"]["car"]["mIoU"]["values"] == par["splits"]["test"]["methods"]["car"]["mIoU"]["values"]
     with pytest.raises(ValueError, match="thread budget"):
         compare(None, ["ce"], [0], par_dir, overrides=overrides, threads=1, jobs=2, **quiet)
 

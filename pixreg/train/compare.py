@@ -20,6 +20,7 @@ would add its own noise) on every evaluated split. Written to ``OUT``:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from .features import prepare_feature_caches
 from .methods import method_slug
 from .metrics import LOWER_IS_BETTER, METRIC_NAMES
 from .stats import DETECTABLE_NAME, INTERVAL_NAME, mean_std, paired_interval, seeds_needed, verdict
-from .trainer import progress_bar, train, write_json
+from .trainer import progress_bar, run_status, train, write_json
 
 __all__ = ["compare", "summarize", "render_markdown", "plot_per_class", "predicts_one_class"]
 
@@ -42,14 +43,17 @@ _LABELS = {"mIoU": "mIoU", "mAcc": "mAcc", "aAcc": "aAcc", "bg_to_coi": "bg→Co
 
 def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[int], out_dir: str, *,
             overrides: Sequence[str] = (), device: Optional[str] = None, progress: bool = True,
-            threads: Optional[int] = None, jobs: int = 1, log: Callable[[str], None] = print) -> Dict[str, Any]:
+            threads: Optional[int] = None, jobs: int = 1, report_only: bool = False,
+            log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train/evaluate ``methods`` x ``seeds`` (skipping finished runs), then summarise.
 
     ``jobs > 1`` trains that many runs at once in separate processes, within a thread
     budget of ``threads`` (default: all CPU cores): each run gets ``threads // jobs``
     threads. Runs are started seed by seed (every method of seed 0 first), so an
     interrupted compare leaves complete pairs; running it again resumes it (finished runs
-    are read, interrupted ones continue from their last checkpoint). Feature caches of
+    are read, interrupted ones continue from their last checkpoint). ``report_only``
+    trains nothing: it summarises the seeds whose runs of every method have finished
+    (e.g. while a compare is still running). Feature caches of
     the frozen-encoder protocol (``data.features``, :mod:`pixreg.train.features`) are
     built once, before any run, and shared by every method and seed.
 
@@ -72,7 +76,7 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
         raise ValueError("--jobs > 1 cannot be combined with torchrun (each run is already distributed)")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        if ctx.is_main:
+        if ctx.is_main and not report_only:
             if threads:
                 torch.set_num_threads(int(threads))
             prepare_feature_caches(base_cfg, progress=progress, log=log)
@@ -95,7 +99,9 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
             outer.update(1)
 
         try:
-            if jobs == 1:
+            if report_only:
+                seeds = _report_finished(specs, done, log)
+            elif jobs == 1:
                 for i, spec in enumerate(specs):
                     outer.set_description(f"compare [{spec.method} seed {spec.seed}]")
                     t_run = time.perf_counter()
@@ -141,6 +147,23 @@ class RunSpec(NamedTuple):
     def config(self) -> Dict[str, Any]:
         return resolve_config(self.config_path, list(self.overrides), method=self.method, seed=self.seed,
                               device=self.device, threads=self.threads)
+
+
+def _report_finished(specs: Sequence[RunSpec], done: Callable[..., None], log: Callable[[str], None]) -> List[int]:
+    """Read the finished runs of ``specs``; return the seeds finished for every method."""
+    finished = {(sp.method, sp.seed) for sp in specs if run_status(sp.run_dir) == "finished"}
+    methods = list(dict.fromkeys(sp.method for sp in specs))
+    seeds = [s for s in dict.fromkeys(sp.seed for sp in specs) if all((m, s) in finished for m in methods)]
+    if not seeds:
+        raise ValueError("--report-only: no seed has finished runs of every method yet")
+    left = sorted({sp.seed for sp in specs} - set(seeds))
+    if left:
+        log(f"--report-only: seeds {left} are not finished for every method; summarising seeds {seeds}")
+    for i, sp in enumerate(specs):
+        if sp.seed in seeds:
+            with open(os.path.join(sp.run_dir, "metrics.json")) as f:
+                done(i, sp, json.load(f), 0.0)
+    return seeds
 
 
 def _run_one(spec: RunSpec) -> Tuple[Dict[str, Any], float]:
