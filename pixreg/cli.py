@@ -25,6 +25,27 @@ from typing import List, Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``pixreg train: error: argument --threads: ...``), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", "-c", default=None,
@@ -32,13 +53,16 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="device (default: config, auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: config)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: config)")
     p.add_argument("--data-root", default=None, help="dataset folder (sets data.root), e.g. ../shared/data/camvid")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error (also: PIXREG_DEBUG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixreg", description="Train, evaluate and compare segmentation models with pixel-representation regularizers.")
+    parser = _Parser(prog="pixreg", description="Train, evaluate and compare segmentation models with pixel-representation regularizers.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: PIXREG_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one method with one seed into a run folder")
@@ -60,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several methods over several seeds and tabulate the paired differences")
     _common(c)
     c.add_argument("--methods", default="ce,cplus1,car,lall,rch", help="comma-separated methods (default: ce,cplus1,car,lall,rch)")
-    c.add_argument("--seeds", type=int, default=2, help="number of seeds: 0..N-1 (default 2)")
+    c.add_argument("--seeds", type=_positive_int, default=2, help="number of seeds: 0..N-1 (default 2)")
     c.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (overrides --seeds)")
     c.add_argument("--out", "-o", default=None, help="output folder (default: runs/compare_<dataset>)")
     c.add_argument("--jobs", "-j", type=int, default=1,
@@ -76,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default=None, help="split to analyse (default: the run's first test split), e.g. test_openset")
     d.add_argument("--checkpoint", default="last", help="last, best, or a path to a .pt file (default: last)")
     d.add_argument("--examples", type=int, default=4, help="images shown with error and RCH calibration maps (default 4)")
-    d.add_argument("--samples-per-class", type=int, default=300, help="pixels sampled per class for t-SNE and distances (default 300)")
-    d.add_argument("--max-images", type=int, default=None, help="use only the first N images of the split")
+    d.add_argument("--samples-per-class", type=_positive_int, default=300, help="pixels sampled per class for t-SNE and distances (default 300)")
+    d.add_argument("--max-images", type=_positive_int, default=None, help="use only the first N images of the split")
     d.add_argument("--openset-split", default="auto", help="split with unseen background kinds (scenes: test_openset; 'none' to skip)")
     d.add_argument("--seed", type=int, default=0, help="seed of the pixel sample and t-SNE (default 0)")
     _common(d, config=False)
@@ -97,8 +121,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import train
 
     cfg_path = args.config
-    if args.resume and args.out and cfg_path is None and os.path.exists(os.path.join(args.out, "config.yaml")):
-        cfg_path = os.path.join(args.out, "config.yaml")  # resume with the run's own configuration
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+        if not os.path.isdir(os.path.join(args.out, "checkpoints")):
+            raise ValueError(f"--resume: {args.out} holds no run to continue (no checkpoints/ folder); "
+                             "drop --resume to start a new run there")
+        if cfg_path is None and os.path.exists(os.path.join(args.out, "config.yaml")):
+            cfg_path = os.path.join(args.out, "config.yaml")  # resume with the run's own configuration
     cfg = resolve_config(cfg_path, _overrides(args), method=args.method, seed=args.seed, device=args.device, threads=args.threads)
     out = args.out or os.path.join("runs", str(cfg["data"]["name"]), method_slug(cfg["method"]).replace("+", "_"), f"seed{cfg['seed']}")
     metrics = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -121,31 +151,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .train import dist as dist_utils
-    from .train.checkpoint import load_checkpoint
+    from .train.checkpoint import load_checkpoint, load_state
     from .train.config import resolve_config
     from .train.trainer import build_run, evaluate, make_dataset, write_json
 
     cfg_file = os.path.join(args.run, "config.yaml")
     if not os.path.exists(cfg_file):
-        raise SystemExit(f"pixreg eval: {cfg_file} not found (is {args.run!r} a run folder?)")
+        raise FileNotFoundError(f"{cfg_file} not found (is {args.run!r} a run folder?)")
     cfg = resolve_config(cfg_file, _overrides(args), device=args.device, threads=args.threads)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     ckpt_path = args.checkpoint
     if ckpt_path in ("last", "best"):
         ckpt_path = os.path.join(args.run, "checkpoints", f"{ckpt_path}.pt")
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"pixreg eval: checkpoint {ckpt_path} not found")
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu", required=("model", "step"))
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits is not None else \
+        list(cfg["data"]["test_splits"]) + [cfg["data"]["val_split"]]
+    if not splits:
+        raise ValueError(f"--splits: no split given ({args.splits!r})")
+    datasets = {}
+    for split in splits:
+        try:
+            datasets[split] = make_dataset(cfg, split)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"--splits: split {split!r} of dataset {cfg['data']['name']!r}: {err}") from err
     ctx = dist_utils.setup(cfg["device"])
     try:
-        splits = args.splits.split(",") if args.splits else list(cfg["data"]["test_splits"]) + [cfg["data"]["val_split"]]
-        first = make_dataset(cfg, splits[0])
+        first = datasets[splits[0]]
         model, _, _ = build_run(cfg, first.num_classes, first.ignore_index, getattr(first, "background_index", None), ctx.device)
-        ckpt = load_checkpoint(ckpt_path, map_location=ctx.device)
-        model.load_state_dict(ckpt["model"])
+        load_state(model, ckpt["model"], ckpt_path)
         results = {}
         for split in splits:
-            ds = first if split == splits[0] else make_dataset(cfg, split)
+            ds = datasets[split]
             results[split] = evaluate(model, ds, batch_size=int(cfg["eval"]["batch_size"]), device=ctx.device,
                                       num_workers=int(cfg["data"]["num_workers"]), amp=bool(cfg["train"]["amp"]),
                                       progress=not args.no_progress, desc=f"eval {split}", ctx=ctx)
@@ -165,11 +202,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .train.config import resolve_config
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.seed_list:
-        seeds = [int(s) for s in args.seed_list.split(",") if s.strip()]
+    if not methods:
+        raise ValueError(f"--methods: no method given ({args.methods!r}); e.g. --methods ce,car")
+    if args.seed_list is not None:
+        try:
+            seeds = [int(s) for s in args.seed_list.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seed-list must be comma-separated ints, got {args.seed_list!r}") from None
+        if not seeds:
+            raise ValueError(f"--seed-list: no seed given ({args.seed_list!r})")
     else:
-        if args.seeds < 1:
-            raise SystemExit("pixreg compare: --seeds must be >= 1")
         seeds = list(range(args.seeds))
     out = args.out
     if out is None:
@@ -184,12 +226,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     import torch
 
+    from .train.checks import check_output_folder
     from .viz.diagnose import diagnose
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
     device = args.device if args.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or os.path.join(args.runs[0], "diagnostics")
+    check_output_folder(out)
     summary = diagnose(args.runs, out, split=args.split, data=args.data, overrides=_overrides(args), checkpoint=args.checkpoint,
                        device=device, examples=args.examples, feature_capacity=args.samples_per_class,
                        max_images=args.max_images, openset_split=None if args.openset_split == "none" else args.openset_split,
@@ -199,19 +243,41 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``pixreg`` console script; returns the exit status."""
+    """Entry point of the ``pixreg`` console script; returns the exit status.
+
+    Every failure is reported as one line naming the argument, file or key
+    (``pixreg train: error: train.lr must be a finite number > 0, got 'abc'``) with exit
+    status 2; ``--debug`` (or ``PIXREG_DEBUG=1``) shows the traceback instead.
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed in one line
+        return stop.code if isinstance(stop.code, int) else 2
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "diagnose": _cmd_diagnose}
     try:
         return handlers[args.command](args)
-    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, ImportError) as err:
-        if os.environ.get("PIXREG_DEBUG"):
+    except Exception as err:  # noqa: BLE001 - the command line reports every failure in one line
+        if getattr(args, "debug", False) or os.environ.get("PIXREG_DEBUG"):
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"pixreg {args.command}: error: {msg}", file=sys.stderr)
+        print(f"pixreg {args.command}: error: {_describe(err)}", file=sys.stderr)
         return 2
+
+
+#: Exceptions whose message is meant for the user as it is; others get their type name and a --debug hint.
+_USER_ERRORS = (ValueError, KeyError, TypeError, OSError, ImportError)
+
+
+def _describe(err: BaseException) -> str:
+    """One line for ``err``."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        msg = f"{err.filename}: {err.strerror}"
+    msg = _one_line(msg) or type(err).__name__
+    if not isinstance(err, _USER_ERRORS):
+        msg = f"{type(err).__name__}: {msg} (run with --debug for the traceback)"
+    return msg
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,7 +25,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum, all_reduce_sum_no_grad
 from .hooks import FeatureCapture
-from .losses._common import check_floating, check_labels, check_same_device
+from .losses._common import check_floating, check_labels, check_same_device, to_parameter_dtype
 from .losses.base import Regularizer
 
 __all__ = ["Term", "CriterionOutput", "RegularizedCriterion", "RegularizedModel"]
@@ -108,8 +108,21 @@ class RegularizedCriterion(nn.Module):
             self.losses[name] = spec.loss
             if spec.projection is not None:
                 self.projections[name] = spec.projection
-        self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32))
+        self.register_buffer("class_weight", None if class_weight is None else self._check_class_weight(class_weight))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _check_class_weight(self, class_weight) -> torch.Tensor:
+        """``(K,)`` float32 weights: finite, >= 0, not all 0, and one per class of the regularizers."""
+        w = torch.as_tensor(class_weight, dtype=torch.float32)
+        if w.dim() != 1 or w.numel() == 0:
+            raise ValueError(f"`class_weight` must be a 1-D sequence with one weight per class, got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool((w > 0).any()):
+            raise ValueError(f"`class_weight` must be finite, >= 0 and not all 0, got {w.tolist()}")
+        for name, loss in self.losses.items():
+            k = getattr(loss, "num_classes", None)
+            if k is not None and int(k) != w.numel():
+                raise ValueError(f"`class_weight` has {w.numel()} entries but regularizer {name!r} has num_classes={k}")
+        return w
 
     def _features_for(self, name: str, spec: Term, features) -> torch.Tensor:
         if isinstance(features, torch.Tensor):
@@ -128,7 +141,7 @@ class RegularizedCriterion(nn.Module):
         else:
             raise ValueError(f"regularizer {name!r} needs `features` (a tensor or a dict of captured layers)")
         if name in self.projections:
-            feats = self.projections[name](feats)
+            feats = self.projections[name](to_parameter_dtype(feats, self.projections[name]))
         return feats
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -163,6 +176,8 @@ class RegularizedCriterion(nn.Module):
         if labels.dim() != 3 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"`labels` must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
         check_same_device(logits=logits, labels=labels)
+        if self.class_weight is not None and self.class_weight.numel() != logits.shape[1]:
+            raise ValueError(f"`class_weight` has {self.class_weight.numel()} entries, `logits` have K={logits.shape[1]} classes")
         if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         step = int(self.step)  # one host read per step, for the warm-ups

@@ -371,10 +371,12 @@ def test_folder_layout(tmp_path):
     img, lab = data["c"]
     np.testing.assert_allclose(x.numpy(), expected_image(img), atol=1e-5)  # PNG is lossless
     np.testing.assert_array_equal(y.numpy(), lab)
+    with pytest.raises(ValueError, match="num_classes=4 but .*classes.txt lists 3"):
+        build_dataset("folder", "val", tmp_path, num_classes=4)  # a contradiction is refused
+    os.remove(tmp_path / "classes.txt")
     ds4 = build_dataset("folder", "val", tmp_path, num_classes=4, background_index=0)
     assert ds4.num_classes == 4 and ds4.class_names == [f"class_{i}" for i in range(4)]
     assert ds4.background_index == 0
-    os.remove(tmp_path / "classes.txt")
     with pytest.raises(ValueError, match="num_classes"):
         build_dataset("folder", "train", tmp_path)
     ds2 = build_dataset("folder", "train", tmp_path, num_classes=2)

@@ -16,13 +16,23 @@ Names (``split`` values in brackets):
   ``background_index=0``; see :mod:`pixreg.data.scenes`. ``root`` is not used.
 * ``"camvid"`` [train, val, test, trainval]: SegNet layout, 11 classes, void 11 -> 255;
   see :mod:`pixreg.data.layouts`.
-* ``"voc"`` [any list in ImageSets/Segmentation]: Pascal VOC, 21 classes, 255 ignored.
-* ``"folder"`` [any list in root/splits]: ``images/``, ``masks/``, ``splits/``, ``classes.txt``.
+* ``"voc"`` [any list in ImageSets/Segmentation]: Pascal VOC layout; 21 VOC classes unless a
+  ``classes.txt`` beside the data or the options say otherwise; colour-coded labels through a
+  colour table (:mod:`pixreg.data.classes`).
+* ``"folder"`` [root/splits/SPLIT.txt or root/SPLIT.txt]: images and labels in two folders
+  (``images/`` and ``masks/``, ``labels/`` or ``annotations/``; names, suffixes and the split
+  file configurable), ``classes.txt``, optional colour table.
 
-Common keyword arguments: ``size=(H, W)`` (resize, or the crop size when augmenting),
-``augment`` (training splits only: random scale, pad, random crop, h-flip; albumentations),
-``seed``; options ``scale_range`` and ``hflip`` tune the augmentation. ``cache_dir`` is used by
+See :mod:`pixreg.data.layouts` for every option. Common keyword arguments: ``size=(H, W)``
+(resize, or the crop size when augmenting), ``resize`` (``"fixed"``: stretch to ``size``;
+``"long"``/``"short"``: keep the aspect ratio, fitting inside ``size`` and padding with
+``ignore_index``, or covering it; see :mod:`pixreg.data._base`), ``augment`` (training splits
+only: random scale, pad, random crop, h-flip; albumentations), ``seed``; options
+``scale_range`` and ``hflip`` tune the augmentation. ``cache_dir`` is used by
 ``scenes`` only. Unknown options raise ``TypeError``.
+
+:func:`scan_dataset` / :func:`preflight` read every sample once and report corrupt files, size
+mismatches and invalid labels before training (:mod:`pixreg.data.scan`).
 
 >>> import tempfile
 >>> from pixreg.data import build_dataset
@@ -42,11 +52,14 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ._base import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, denormalize, normalize
+from .classes import ColorTable
+from .scan import DatasetError, SplitReport, preflight, scan_dataset
 
 DATASETS = ("scenes", "camvid", "voc", "folder")
 
 __all__ = ["build_dataset", "DATASETS", "SegmentationDataset", "IMAGENET_MEAN", "IMAGENET_STD",
-           "normalize", "denormalize"]
+           "normalize", "denormalize", "ColorTable", "scan_dataset", "preflight", "DatasetError",
+           "SplitReport"]
 
 
 def build_dataset(name: str, split: str, root: str | os.PathLike | None = None, *,

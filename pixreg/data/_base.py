@@ -7,13 +7,21 @@ ignored pixels hold ``ignore_index``) into the item ``(image, label)``:
 * ``image``: ``float32`` tensor ``(3, H, W)``, ``(rgb / 255 - IMAGENET_MEAN) / IMAGENET_STD``;
 * ``label``: ``int64`` tensor ``(H, W)`` with values in ``[0, num_classes)`` or ``ignore_index``.
 
-Geometry (``size=(H, W)``):
+Geometry (``size=(H, W)``), option ``resize``:
 
-* ``augment=False``: the sample is resized to ``size`` (image bilinear with PIL, label nearest);
-  ``size=None`` keeps the native resolution (variable-size datasets then need ``batch_size=1``).
+* ``resize="fixed"`` (default): the sample is resized to ``size`` (image bilinear with PIL,
+  label nearest), whatever its aspect ratio; ``size=None`` keeps the native resolution
+  (variable-size datasets then need ``batch_size=1``).
+* ``resize="long"`` (aspect ratio kept): scaled by ``min(H / h, W / w)`` so that it fits inside
+  ``(H, W)`` (its longer side, relative to the box, touches it), then padded at the bottom and
+  right to exactly ``(H, W)`` (image with the ImageNet mean colour, label with ``ignore_index``):
+  batches of mixed shapes, no distortion, padded pixels ignored by every loss and metric.
+* ``resize="short"`` (aspect ratio kept): scaled by ``max(H / h, W / w)`` so that it covers
+  ``(H, W)``; without augmentation the whole resized sample is returned (variable size:
+  evaluation groups equal shapes), with augmentation the random crop below cuts ``(H, W)``.
 * ``augment=True`` (training splits only, i.e. names starting with ``train``; ignored with a
   warning on other splits), with
-  albumentations: resize to ``size`` (the evaluation geometry), random scale in ``scale_range``
+  albumentations: resize to ``size`` as above (the evaluation geometry), random scale in ``scale_range``
   (image bilinear, label nearest), pad to ``size`` (image with the ImageNet mean colour, which
   normalises to 0, label with ``ignore_index``), random crop to ``size``, horizontal flip with
   probability 0.5 when ``hflip``.
@@ -73,10 +81,11 @@ def check_size(size: Any) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
-def check_no_options(name: str, opts: dict[str, Any]) -> None:
+def check_no_options(name: str, opts: dict[str, Any], accepted: Sequence[str] = ()) -> None:
     """Raise ``TypeError`` naming options a dataset does not understand (catches typos)."""
     if opts:
-        raise TypeError(f"dataset {name!r} got unexpected option(s): {', '.join(sorted(opts))}")
+        tail = f"; accepted: {', '.join(sorted(accepted))}" if accepted else ""
+        raise TypeError(f"dataset {name!r} got unexpected option(s): {', '.join(sorted(opts))}{tail}")
 
 
 def _resize_pil(image: np.ndarray, label: np.ndarray, extra: list[np.ndarray],
@@ -97,11 +106,36 @@ def _resize_pil(image: np.ndarray, label: np.ndarray, extra: list[np.ndarray],
     return img, nearest(label), [nearest(e) for e in extra]
 
 
+RESIZE_MODES = ("fixed", "long", "short")
+
+
+def _resize_keep_ratio(image: np.ndarray, label: np.ndarray, extra: list[np.ndarray],
+                       size: tuple[int, int], mode: str,
+                       ignore_index: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Aspect-preserving resize (``mode`` ``"long"``: fit inside ``size`` and pad; ``"short"``:
+    cover ``size``), see the module docstring."""
+    h, w = image.shape[:2]
+    box_h, box_w = size
+    scale = min(box_h / h, box_w / w) if mode == "long" else max(box_h / h, box_w / w)
+    new = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if mode == "long":  # rounding must never leave the box
+        new = (min(new[0], box_h), min(new[1], box_w))
+    image, label, extra = _resize_pil(image, label, extra, new)
+    if mode == "short" or new == (box_h, box_w):
+        return image, label, extra
+    pad = ((0, box_h - new[0]), (0, box_w - new[1]))
+    image = np.stack([np.pad(image[..., c], pad, constant_values=_MEAN_FILL[c]) for c in range(3)], axis=-1)
+    label = np.pad(label, pad, constant_values=ignore_index)
+    return image, label, [np.pad(e, pad, constant_values=False) for e in extra]
+
+
 def build_augmentation(size: tuple[int, int] | None, scale_range: tuple[float, float],
-                       hflip: bool, ignore_index: int):
+                       hflip: bool, ignore_index: int, resize: bool = True):
     """albumentations pipeline: [resize to size], random scale, pad, random crop, h-flip.
 
-    With ``size=None`` the crop size is the image's own size (set per call by the dataset).
+    With ``size=None`` the crop size is the image's own size (set per call by the dataset);
+    ``resize=False`` leaves out the first resize (done by the dataset when it keeps the aspect
+    ratio).
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
     try:
@@ -111,7 +145,7 @@ def build_augmentation(size: tuple[int, int] | None, scale_range: tuple[float, f
         raise ImportError("augment=True needs albumentations: pip install 'pixreg[train]'") from err
     lo, hi = scale_range
     ops = []
-    if size is not None:
+    if size is not None and resize:
         ops.append(A.Resize(size[0], size[1], interpolation=cv2.INTER_LINEAR,
                             mask_interpolation=cv2.INTER_NEAREST))
     if (lo, hi) != (1.0, 1.0):
@@ -131,7 +165,7 @@ class SegmentationDataset(Dataset):
 
     Attributes every dataset has: ``name``, ``split``, ``num_classes``, ``ignore_index``,
     ``class_names`` (``len == num_classes``), ``background_index`` (``None`` when every labelled
-    pixel belongs to a class of interest), ``size``, ``augment``, ``seed``.
+    pixel belongs to a class of interest), ``size``, ``resize``, ``augment``, ``seed``.
     """
 
     name: str = ""
@@ -142,9 +176,15 @@ class SegmentationDataset(Dataset):
     background_index: int | None = None
 
     def __init__(self, split: str, *, size: tuple[int, int] | None, augment: bool, seed: int,
-                 scale_range: tuple[float, float] = (0.5, 2.0), hflip: bool = True) -> None:
+                 scale_range: tuple[float, float] = (0.5, 2.0), hflip: bool = True,
+                 resize: str = "fixed") -> None:
         self.split = split
         self.size = check_size(size)
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        if resize != "fixed" and self.size is None:
+            raise ValueError(f"resize={resize!r} needs size=(H, W)")
+        self.resize = resize
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = int(seed)
@@ -187,13 +227,16 @@ class SegmentationDataset(Dataset):
 
     def _geometry(self, idx: int, image: np.ndarray, label: np.ndarray,
                   extra: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        if self.resize != "fixed":
+            image, label, extra = _resize_keep_ratio(image, label, extra, self.size, self.resize,
+                                                     self.ignore_index)
         if not self.augment:
-            if self.size is not None:
+            if self.size is not None and self.resize == "fixed":
                 return _resize_pil(image, label, extra, self.size)
             return image, label, extra
         if self._transform is None:
             self._transform = build_augmentation(self.size, self.scale_range, self.hflip,
-                                                 self.ignore_index)
+                                                 self.ignore_index, resize=self.resize == "fixed")
         t = self._transform
         if self.size is None:  # crop back to the native size of this image
             h, w = image.shape[:2]
@@ -227,23 +270,38 @@ class SegmentationDataset(Dataset):
                 f"num_classes={self.num_classes}, size={self.size}, augment={self.augment})")
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """Read an image file as ``(H, W, 3) uint8`` RGB."""
-    from PIL import Image
+def _open_image(path: str, convert: str | None = None) -> tuple[str, np.ndarray]:
+    """``(mode, pixels)`` of an image file, fully decoded; unreadable, corrupt or truncated files
+    raise ``ValueError`` naming the file."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if convert is not None and mode != convert:
+                im = im.convert(convert)
+            return mode, np.asarray(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: cannot decode the image ({err})") from None
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """Read an image file as ``(H, W, 3) uint8`` RGB (``ValueError`` naming a corrupt file)."""
+    return _open_image(path, "RGB")[1]
+
+
+_INDEX_MODES = ("P", "L", "I;16", "I;16B", "I;16L", "I", "1")
 
 
 def read_index_mask(path: str) -> np.ndarray:
     """Read an index mask (palette ``P``, ``L`` or 16-bit) as its raw indices, never via RGB."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode in ("P", "L", "I;16", "I;16B", "I;16L", "I", "1"):
-            arr = np.asarray(im)
-        else:
-            raise ValueError(f"{path}: expected an index mask (mode P, L or I;16), got mode {im.mode}")
+    mode, arr = _open_image(path)
+    if mode not in _INDEX_MODES:
+        raise ValueError(f"{path}: expected an index mask (mode P, L or I;16), got mode {mode}; for "
+                         f"colour-coded labels give a colour table (colors.txt or colors.json beside "
+                         f"the data, or the option colors=...)")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     if arr.dtype not in (np.uint8, np.uint16):
@@ -251,6 +309,19 @@ def read_index_mask(path: str) -> np.ndarray:
             raise ValueError(f"{path}: label values outside [0, 65535]")
         arr = arr.astype(np.uint16)
     return arr
+
+
+def read_color_mask(path: str) -> np.ndarray:
+    """Read a colour-coded label image as ``(H, W, 3) uint8`` colours (palette images through
+    their palette, alpha dropped); 16-bit images are refused."""
+    from PIL import Image
+
+    with Image.open(path) as im:  # mode only (cheap); decoding errors are reported below
+        mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        raise ValueError(f"{path}: a colour table is configured but this label image is {mode} "
+                         f"(16/32-bit values, not colours)")
+    return read_rgb(path)
 
 
 def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:

@@ -227,3 +227,16 @@ def global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Ten
     total = all_reduce_sum(local_sum)
     count = all_reduce_sum_no_grad(local_count.to(total.dtype))
     return total / count.clamp(min=1)
+
+
+def to_parameter_dtype(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``x`` cast to the floating dtype of ``module``'s parameters, outside autocast.
+
+    Under autocast the layer casts its inputs itself; outside it, half/bfloat16/float64
+    features given to a float32 layer (a projection, RCH's head) would fail inside
+    ``conv2d`` with a dtype mismatch, so they are cast (differentiably) here instead.
+    """
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is None or x.dtype == param.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(param.dtype)

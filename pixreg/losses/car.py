@@ -204,6 +204,7 @@ def car_loss(
         num_classes, intra_weight, c2c_weight, c2p_weight, eps0, eps1, variant,
         threshold_classes, ignore_index, ema_decay if ema_centres is not None else None,
     )
+    check_labels(labels, None, ignore_index)  # types first: a NumPy array gets a TypeError, not an AttributeError
     check_same_device(features=features, labels=labels, ema_centres=ema_centres)
     flat, lab = flatten_features(features, labels)
     check_labels(lab, num_classes, ignore_index)

@@ -43,6 +43,7 @@ from ._common import (
     global_mean,
     no_autocast,
     resize_bilinear,
+    to_parameter_dtype,
 )
 from .base import LossOutput, Regularizer
 
@@ -552,6 +553,7 @@ class RCHLoss(Regularizer):
                 f"`features` must have in_channels={self.in_channels} channels (dim 1), "
                 f"got shape {tuple(features.shape)}"
             )
+        features = to_parameter_dtype(features, self.head)
         if features.dim() == 4:
             return self.norm(self.head(features))
         out = self.head(features[:, :, None, None])  # 1x1 conv == linear map on flat features

@@ -16,13 +16,16 @@ CPU and CUDA), ``sampler`` (data order: seed, global batch size, dataset length)
 from __future__ import annotations
 
 import os
+import pickle
 import random
-from typing import Any, Dict
+import re
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["atomic_save", "load_checkpoint", "load_state", "CheckpointError", "rng_state", "set_rng_state",
+           "remove_stale_temporaries"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -53,9 +56,66 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         pass
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by the trainer (``weights_only=True``)."""
-    return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+class CheckpointError(ValueError):
+    """A file that is not a readable pixreg checkpoint, or one that does not fit the model."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, required: tuple = ()) -> Dict[str, Any]:
+    """Load a checkpoint written by the trainer (``weights_only=True``: nothing is unpickled
+    but tensors and plain values, so no code in the file can run).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` (a
+    ``ValueError``) naming ``path`` for a file torch cannot read (text, truncated, empty), a pickle holding other objects (refused,
+    never executed) and a dict without the ``required`` entries (e.g. a plain ``state_dict``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:  # torch's message would advise weights_only=False: the wrong advice for an untrusted file
+            raise CheckpointError(
+                f"checkpoint {path}: refused: it references the Python object {found.group(1)} (code or a custom "
+                "class), and pixreg reads only tensors and plain values; only checkpoints written by pixreg are accepted"
+            ) from None
+        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint (not written by torch.save, "
+                              "or not a checkpoint at all)") from None
+    except Exception as err:  # text, empty or truncated files fail in many ways inside torch.load
+        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint "
+                              f"({type(err).__name__}: {_first_line(err)[:160]})") from None
+    if not isinstance(obj, dict) or any(k not in obj for k in required):
+        have = sorted(map(str, obj))[:6] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: not a pixreg checkpoint: expected the entries {list(required)} "
+            f"(a dict written by pixreg train), got {have}" + (" (a plain state_dict?)" if isinstance(obj, dict) else "")
+        )
+    return obj
+
+
+def load_state(module: torch.nn.Module, state: Any, path: str, what: str = "model") -> None:
+    """``module.load_state_dict(state)`` with one clear error naming ``path`` when the
+    checkpoint was written for another architecture (missing/unexpected keys, other shapes)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {what!r} entry is a {type(state).__name__}, not a state_dict")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing key(s) (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} shape mismatch(es) (e.g. {shapes[0]})" if shapes else ""]
+        raise CheckpointError(f"checkpoint {path}: its {what} does not match this run's {what} (another architecture, "
+                              "number of classes or method?): " + ", ".join(p for p in parts if p))
+    module.load_state_dict(state)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -89,3 +149,27 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         cuda_states = [s.cpu() for s in state["cuda"]]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> List[str]:
+    """Delete the temporary files a killed run can leave in ``run_dir`` and its
+    ``checkpoints/`` folder (``.last.pt.tmp<pid>``, ``val.csv.tmp``, ``metrics.json.tmp<pid>``,
+    ...: every write goes to such a file and is renamed over its target, so they are never
+    the only copy of anything). Returns the removed paths."""
+    removed = []
+    for folder in (os.fspath(run_dir), os.path.join(os.fspath(run_dir), "checkpoints")):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if _TMP.fullmatch(name) and os.path.isfile(path):
+                try:
+                    os.remove(path)
+                    removed.append(path)
+                except OSError:  # pragma: no cover - e.g. removed concurrently
+                    pass
+    return removed
+
+
+#: Temporary names written by atomic_save (".NAME.tmpPID"), dump_yaml / write_json ("NAME.tmpPID") and CSVLog ("NAME.tmp").
+_TMP = re.compile(r"\.?[\w.-]+\.(pt|yaml|json|csv)\.tmp\d*")

@@ -17,6 +17,7 @@ hyper-parameters, which are checked by the constructors that receive them).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -35,6 +36,8 @@ __all__ = [
     "resolve_config",
     "config_diff",
     "get",
+    "validate",
+    "ConfigError",
 ]
 
 #: Every key the trainer reads, with its default. The defaults are the embedded
@@ -58,6 +61,7 @@ DEFAULTS: Dict[str, Any] = {
         "val_split": "val",
         "test_splits": ["test", "test_openset"],  # evaluated at the end of training, written to metrics.json
         "num_workers": 0,
+        "check": True,  # read every sample once before training (pixreg.data.preflight); false: skip
         "opts": {"digits": [0, 1, 2, 3, 4]},  # extra keyword options of pixreg.data.build_dataset
         "features": None,  # frozen-encoder protocol: cached encoder features (pixreg.train.features)
     },
@@ -88,6 +92,7 @@ DEFAULTS: Dict[str, Any] = {
         "batch_size": 16,
     },
     "ce_weight": 1.0,
+    "class_weight": None,  # optional CE class weights: a list of K numbers >= 0 (e.g. median-frequency on CamVid)
     # Per-method options. Reserved keys: weight (multiplies the regularizer), warmup
     # (steps during which it is off), layer (feature layer; default: the model's
     # feature_layer), projection (null | "conv1x1": a training-only 1x1 conv on the
@@ -164,13 +169,30 @@ def find_config(name_or_path: str | os.PathLike) -> str:
 
 def load_yaml(path: str | os.PathLike) -> Dict[str, Any]:
     """Read a YAML mapping (an empty file gives ``{}``)."""
-    with open(path, "r", encoding="utf-8") as f:
-        data = _yaml().safe_load(f)
+    yaml = _yaml()
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text (UTF-8) file: {err.reason} at byte {err.start}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a configuration must be a YAML mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line for a PyYAML error: what and where (``!!python/object`` tags are refused by
+    ``safe_load``: nothing in a configuration is ever executed or instantiated)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if "python/" in str(err) or "could not determine a constructor" in str(problem):
+        return f"invalid YAML{where}: {problem} (Python tags are not allowed: configurations are plain data)"
+    return f"invalid YAML{where}: {problem}"
 
 
 def dump_yaml(cfg: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -222,7 +244,11 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r}: bad key {key!r}")
-    value = _yaml().safe_load(raw) if raw.strip() else None
+    yaml = _yaml()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: {_yaml_problem(err)}") from None
     return key.split("."), value
 
 
@@ -266,27 +292,181 @@ def resolve_config(path: Optional[str | os.PathLike], overrides: Sequence[str] =
     return cfg
 
 
-def validate(cfg: Mapping[str, Any]) -> None:
-    """Light type checks of the keys the trainer relies on (raises ``ValueError``)."""
-    t = cfg["train"]
+class ConfigError(ValueError):
+    """An invalid configuration: every problem found, each naming its dotted key."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration: " + "; ".join(self.problems))
+
+
+def _number(value: Any) -> Optional[float]:
+    """``value`` as a float when it is a real number or a numeric string (PyYAML reads
+    ``1e-3`` as a string), else ``None``. Booleans are not numbers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+class _Checker:
+    """Collects the problems of one configuration (see :func:`validate`)."""
+
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.problems: List[str] = []
+
+    def value(self, key: str) -> Any:
+        return get(self.cfg, key)
+
+    def bad(self, key: str, want: str, value: Any) -> None:
+        self.problems.append(f"{key} must be {want}, got {value!r}")
+
+    def real(self, key: str, *, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+             hi_open: bool = False, none: bool = False, want: Optional[str] = None) -> None:
+        """A finite real number in the range; a numeric string is converted in place."""
+        v = self.value(key)
+        if v is None and none:
+            return
+        x = _number(v)
+        ok = x is not None and math.isfinite(x)
+        ok = ok and (lo is None or (x > lo if lo_open else x >= lo)) and (hi is None or (x < hi if hi_open else x <= hi))
+        if not ok:
+            if want is None:
+                rng = [f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else "",
+                       f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else ""]
+                want = "a finite number" + (" " + " and ".join(r for r in rng if r) if any(rng) else "")
+                want += " or null" if none else ""
+            self.bad(key, want, v)
+        elif isinstance(v, str):
+            self._set(key, x)
+
+    def integer(self, key: str, lo: Optional[int] = None, *, none: bool = False) -> None:
+        v = self.value(key)
+        if v is None and none:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+            self.bad(key, "an int" + (f" >= {lo}" if lo is not None else "") + (" or null" if none else ""), v)
+
+    def flag(self, key: str) -> None:
+        if not isinstance(self.value(key), bool):
+            self.bad(key, "true or false", self.value(key))
+
+    def text(self, key: str, *, none: bool = False, choices: Sequence[str] = ()) -> None:
+        v = self.value(key)
+        if v is None and none:
+            return
+        if not isinstance(v, str) or not v or (choices and v not in choices):
+            self.bad(key, "one of " + ", ".join(choices) if choices else "a non-empty string" + (" or null" if none else ""), v)
+
+    def size(self, key: str, *, extra: Sequence[Any] = ()) -> None:
+        v = self.value(key)
+        if v is None or any(v == e for e in extra if isinstance(v, str)):
+            return
+        if not (isinstance(v, (list, tuple)) and len(v) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)):
+            alts = "".join(f", {e!r}" for e in extra)
+            self.bad(key, f"[H, W] (two positive ints, e.g. [96, 96]){alts} or null", v)
+
+    def mapping(self, key: str) -> bool:
+        v = self.value(key)
+        if v is None:
+            return True
+        if not isinstance(v, Mapping):
+            self.bad(key, "a mapping", v)
+            return False
+        return True
+
+    def _set(self, key: str, value: Any) -> None:
+        *parents, last = key.split(".")
+        node = self.cfg
+        for part in parents:
+            node = node[part]
+        node[last] = value
+
+
+def validate(cfg: Dict[str, Any]) -> None:
+    """Check every key the trainer reads: types, ranges and signs, all at once.
+
+    Raises :class:`ConfigError` (a ``ValueError``) listing every problem with its dotted
+    key (``train.lr must be a finite number > 0, got 'abc'``). Numeric strings such as
+    ``1e-3`` (a string for PyYAML) are converted to floats in place. ``train.grad_clip``
+    is ``null`` (off) or a positive max norm: 0 or a negative value (sometimes meant as
+    "off") is refused rather than guessed. Dataset-dependent checks (that the splits
+    exist, ``class_weight`` has one entry per class) are made when the dataset is built,
+    still before anything is written (:func:`pixreg.train.checks.preflight`).
+    """
+    c = _Checker(cfg)
+    c.integer("seed")
+    c.text("method")
+    device = cfg.get("device")
+    if not (device in ("cpu", "cuda", "auto") or (isinstance(device, str) and device.startswith("cuda:")
+                                                  and device[5:].isdigit())):
+        c.bad("device", "cpu, cuda, cuda:N or auto", device)
+    c.integer("threads", 1, none=True)
+    c.text("data.name")
+    c.text("data.root", none=True)
+    c.size("data.size")
+    c.size("data.eval_size", extra=("same",))
+    c.integer("data.seed")
+    c.flag("data.augment")
+    c.text("data.cache_dir", none=True)
+    c.text("data.train_split")
+    c.text("data.val_split")
+    tests = get(cfg, "data.test_splits")
+    if not isinstance(tests, (list, tuple)) or not all(isinstance(s, str) and s for s in tests):
+        c.bad("data.test_splits", "a list of split names, e.g. [test]", tests)
+    elif len(set(tests)) != len(tests):
+        c.bad("data.test_splits", "a list without repeated names", tests)
+    c.integer("data.num_workers", 0)
+    c.mapping("data.opts")
+    c.text("model.name")
+    c.mapping("model.opts")
     for key in ("steps", "batch_size", "ckpt_every", "log_every"):
-        if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
-            raise ValueError(f"train.{key} must be a positive int, got {t[key]!r}")
-    if not isinstance(t["eval_every"], int) or t["eval_every"] < 0:
-        raise ValueError(f"train.eval_every must be an int >= 0, got {t['eval_every']!r}")
-    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool):
-        raise ValueError(f"seed must be an int, got {cfg['seed']!r}")
-    if cfg["device"] not in ("cpu", "cuda", "auto") and not str(cfg["device"]).startswith("cuda:"):
-        raise ValueError(f"device must be cpu, cuda or auto, got {cfg['device']!r}")
-    if t["optimizer"] not in ("sgd", "adamw"):
-        raise ValueError(f"train.optimizer must be sgd or adamw, got {t['optimizer']!r}")
-    if t["scheduler"] not in ("poly", "cosine", "constant"):
-        raise ValueError(f"train.scheduler must be poly, cosine or constant, got {t['scheduler']!r}")
-    if not isinstance(cfg["methods"], Mapping):
-        raise ValueError("methods must be a mapping name -> options")
-    tests = cfg["data"]["test_splits"]
-    if isinstance(tests, str) or not isinstance(tests, (list, tuple)):
-        raise ValueError(f"data.test_splits must be a list of split names, got {tests!r}")
+        c.integer(f"train.{key}", 1)
+    for key in ("eval_every", "warmup_steps"):
+        c.integer(f"train.{key}", 0)
+    c.text("train.optimizer", choices=("sgd", "adamw"))
+    c.text("train.scheduler", choices=("poly", "cosine", "constant"))
+    c.real("train.lr", lo=0, lo_open=True)
+    c.real("train.momentum", lo=0, hi=1, hi_open=True)
+    c.real("train.weight_decay", lo=0)
+    c.real("train.poly_power", lo=0)
+    c.real("train.grad_clip", lo=0, lo_open=True, none=True,
+           want="null (no clipping) or a finite max norm > 0 (0 and negative values are refused, not read as 'off')")
+    c.real("train.step_delay_s", lo=0)
+    for key in ("nesterov", "amp", "sync_bn"):
+        c.flag(f"train.{key}")
+    c.integer("eval.batch_size", 1)
+    c.real("ce_weight", lo=0)
+    weights = cfg.get("class_weight")
+    if weights is not None:
+        nums = [_number(w) for w in weights] if isinstance(weights, (list, tuple)) and weights else [None]
+        if any(x is None or not math.isfinite(x) or x < 0 for x in nums):
+            c.bad("class_weight", "null or a list of finite numbers >= 0, one per class", weights)
+        else:
+            cfg["class_weight"] = nums
+    if c.mapping("methods"):
+        _check_methods(c)
+    if c.problems:
+        raise ConfigError(c.problems)
+
+
+def _check_methods(c: _Checker) -> None:
+    for name, opts in (c.cfg.get("methods") or {}).items():
+        if not c.mapping(f"methods.{name}"):
+            continue
+        for key in ("weight", "loss_weight"):
+            if key in (opts or {}):
+                c.real(f"methods.{name}.{key}", lo=0)
+        if "warmup" in (opts or {}):
+            c.integer(f"methods.{name}.warmup", 0)
 
 
 def get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:

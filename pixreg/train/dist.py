@@ -47,10 +47,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device!r} requested but CUDA is not available (use --device cpu)")
+            raise ValueError(f"device={device!r} requested but CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu or auto")
         if device == "cuda":
             if local_rank >= torch.cuda.device_count():
-                raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
                                    "device(s): use --nproc-per-node <= the number of GPUs")
             return torch.device("cuda", local_rank)
         return torch.device(device)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -128,6 +128,7 @@ def build_criterion(
     background_index: Optional[int] = None,
     options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     ce_weight: float = 1.0,
+    class_weight: Optional[Sequence[float]] = None,
 ) -> Tuple[RegularizedCriterion, List[str]]:
     """CE + the regularizers of method ``spec`` for ``model`` (a :mod:`pixreg.models` model).
 
@@ -138,6 +139,7 @@ def build_criterion(
         num_classes, ignore_index, background_index: from the dataset.
         options: ``{method: {weight, warmup, layer, projection, projection_dim, **loss_kwargs}}``.
         ce_weight: weight of the cross-entropy.
+        class_weight: optional CE class weights, ``num_classes`` numbers.
 
     Returns:
         ``(criterion, layers)``: the criterion and the feature layers to capture (always
@@ -214,6 +216,10 @@ def build_criterion(
             loss = cls(**kwargs)
         except TypeError as err:
             raise ValueError(f"methods.{name}: cannot build {cls.__name__}({kwargs}): {err}") from err
+        except ValueError as err:  # the constructor's own checks: name the configuration key
+            raise ValueError(f"methods.{name}: {err}") from err
         terms[name] = Term(loss, weight=weight, warmup=warmup, layer=layer, projection=proj_module)
-    criterion = RegularizedCriterion(terms, ce_weight=ce_weight, ignore_index=ignore_index)
+    if class_weight is not None and len(class_weight) != num_classes:
+        raise ValueError(f"class_weight must have one entry per class ({num_classes}), got {len(class_weight)}")
+    criterion = RegularizedCriterion(terms, ce_weight=ce_weight, ignore_index=ignore_index, class_weight=class_weight)
     return criterion, layers

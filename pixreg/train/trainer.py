@@ -40,7 +40,8 @@ from torch import nn
 from ..criterion import RegularizedCriterion, RegularizedModel
 from ..distributed import all_reduce_sum_no_grad, convert_global_batchnorm
 from . import dist as dist_utils
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import atomic_save, load_checkpoint, load_state, remove_stale_temporaries, rng_state, set_rng_state
+from .checks import preflight
 from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml
 from .data import SeededDataset, StepBatchSampler, collate, eval_collate, shard_indices
 from .methods import build_criterion, method_slug
@@ -49,6 +50,8 @@ from .metrics import SegmentationMetrics
 __all__ = ["train", "evaluate", "build_run", "make_dataset", "seed_everything", "RunExists", "progress_bar"]
 
 CKPT_VERSION = 1
+#: Entries of a checkpoint that resuming needs.
+_CKPT_KEYS = ("version", "step", "model", "criterion", "optimizer", "scheduler", "rng", "sampler", "elapsed_s", "best")
 
 
 class RunExists(FileExistsError):
@@ -139,6 +142,30 @@ def make_dataset(cfg: Mapping[str, Any], split: str, *, train: bool = False, cac
     return ds
 
 
+_CHECKED: set = set()
+
+
+def check_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
+    """Pre-flight scan (:func:`pixreg.data.preflight`) of the training, validation and test
+    splits of ``cfg["data"]``: every sample is read once; corrupt or truncated files, size
+    mismatches and invalid labels raise :class:`pixreg.data.DatasetError` listing them all.
+    Done once per process for a given data configuration; ``data.check: false`` skips it."""
+    from ..data import preflight
+
+    d = cfg["data"]
+    if not d.get("check", True):
+        return
+    key = json.dumps(d, sort_keys=True, default=str)
+    if key in _CHECKED:
+        return
+    splits = {d["train_split"]: make_dataset(cfg, d["train_split"], train=True)}
+    for split in [d["val_split"], *d["test_splits"]]:
+        if split and split not in splits:
+            splits[split] = make_dataset(cfg, split)
+    preflight(splits, log=log)
+    _CHECKED.add(key)
+
+
 class TrainStep(nn.Module):
     """Model + criterion in one module (so that DDP sees every trainable parameter):
     ``forward(images, labels) -> (logits, total_loss, terms)``."""
@@ -173,6 +200,7 @@ def build_run(cfg: Mapping[str, Any], num_classes: int, ignore_index: int, backg
     criterion, layers = build_criterion(
         cfg["method"], model, num_classes=num_classes, ignore_index=ignore_index,
         background_index=background_index, options=cfg.get("methods") or {}, ce_weight=float(cfg.get("ce_weight", 1.0)),
+        class_weight=cfg.get("class_weight"),
     )
     return model.to(device), criterion.to(device), layers
 
@@ -330,6 +358,30 @@ def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any], run_d
         )
 
 
+def _degenerate_run_warnings(ctx: dist_utils.DistContext, valid_pixels: torch.Tensor, nonzero_loss: bool,
+                             steps: int, ignore_index: int) -> List[str]:
+    """Warnings for a run that cannot have learned anything: every training label pixel was
+    ``ignore_index`` (an all-void dataset), or the loss was exactly 0 at every step."""
+    if steps <= 0:
+        return []
+    if ctx.distributed:
+        valid_pixels = all_reduce_sum_no_grad(valid_pixels)
+    out = []
+    if int(valid_pixels) == 0:
+        out.append(f"every training label pixel of the {steps} step(s) trained was ignore_index={ignore_index} "
+                   "(an all-void dataset?): the loss had nothing to fit and the model learned nothing")
+    elif not nonzero_loss:
+        out.append(f"the loss was 0 at every one of the {steps} step(s) trained: nothing was learned "
+                   "(all-void labels, or ce_weight and every regularizer weight 0?)")
+    return out
+
+
+def _remove_temporaries(run_dir: str, ctx: dist_utils.DistContext, log: Callable[[str], None]) -> None:
+    if ctx.is_main:
+        for path in remove_stale_temporaries(run_dir):
+            log(f"removed {path} (left by an interrupted run)")
+
+
 def run_status(run_dir: str) -> str:
     """``"finished"`` (metrics.json written), ``"partial"`` (a checkpoint), ``"empty"``."""
     if os.path.exists(os.path.join(run_dir, "metrics.json")):
@@ -374,18 +426,27 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     best_path = os.path.join(ckpt_dir, "best.pt")
     metrics_path = os.path.join(run_dir, "metrics.json")
     status = run_status(run_dir)
+    if ctx.is_main and not (resume and status == "finished"):
+        check_data(cfg, log)  # before anything is written to (or removed from) the run folder
 
     ckpt: Optional[Dict[str, Any]] = None
+    if status != "empty" and resume:
+        saved_cfg_path = os.path.join(run_dir, "config.yaml")
+        if os.path.exists(saved_cfg_path):
+            saved = load_yaml(saved_cfg_path)
+            saved.setdefault("class_weight", None)  # runs written before the key existed
+            _check_resume_config(saved, cfg, run_dir)
+        if status == "finished":
+            _remove_temporaries(run_dir, ctx, log)
+            with open(metrics_path) as f:
+                return json.load(f)
+    elif status != "empty" and not overwrite:
+        raise RunExists(f"{run_dir} already holds a run ({status}); pass --resume to continue it or --overwrite to restart")
+    preflight(cfg, run_dir)  # config, device, datasets, method: before anything is written
     if status != "empty":
         if resume:
-            saved_cfg_path = os.path.join(run_dir, "config.yaml")
-            if os.path.exists(saved_cfg_path):
-                _check_resume_config(load_yaml(saved_cfg_path), cfg, run_dir)
-            if status == "finished":
-                with open(metrics_path) as f:
-                    return json.load(f)
-            ckpt = load_checkpoint(last_path, map_location="cpu")
-        elif overwrite:
+            ckpt = load_checkpoint(last_path, map_location="cpu", required=_CKPT_KEYS)
+        else:
             if ctx.is_main:
                 for name in ("checkpoints", "tb", "log.csv", "val.csv", "metrics.json", "config.yaml"):
                     p = os.path.join(run_dir, name)
@@ -394,9 +455,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
                     elif os.path.exists(p):
                         os.remove(p)
             dist_utils.barrier(ctx)
-        else:
-            raise RunExists(f"{run_dir} already holds a run ({status}); pass --resume to continue it or --overwrite to restart")
 
+    _remove_temporaries(run_dir, ctx, log)
     if ctx.is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
@@ -436,8 +496,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         saved_sampler = {k: ckpt["sampler"][k] for k in sampler_state}
         if saved_sampler != sampler_state:
             raise ValueError(f"cannot resume {run_dir}: data order {saved_sampler} != {sampler_state}")
-        model.load_state_dict(ckpt["model"])
-        criterion.load_state_dict(ckpt["criterion"])
+        load_state(model, ckpt["model"], last_path)
+        load_state(criterion, ckpt["criterion"], last_path, "criterion")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if use_scaler and ckpt.get("scaler"):
@@ -514,6 +574,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     delay = float(t_cfg.get("step_delay_s") or 0.0)
     grad_clip = t_cfg["grad_clip"]
     all_params = [p for g in groups for p in g["params"]]
+    valid_pixels = torch.zeros((), dtype=torch.long, device=device)  # labelled pixels seen (no host sync per step)
+    loss_seen = {"nonzero": False}
 
     def flush() -> None:
         if not pending:
@@ -532,6 +594,7 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         for (step, _, _, _, _), vals in zip(pending_rows, stacked):  # every process raises together
             if not math.isfinite(vals[0]):
                 raise FloatingPointError(f"non-finite loss {vals[0]} at step {step} ({dict(zip(term_keys, vals[1:]))})")
+            loss_seen["nonzero"] = loss_seen["nonzero"] or vals[0] != 0.0
         if not ctx.is_main:
             return
         rows = []
@@ -559,16 +622,18 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         for batch in loader:
             images = to_device(batch[0], device)
             labels = batch[1].to(device, non_blocking=True)
+            valid_pixels += (labels != ignore_index).sum()
             lr = float(optimizer.param_groups[0]["lr"])
             with _amp_context(bool(t_cfg["amp"]), device):
                 _, total, terms = runner(images, labels)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(all_params, float(grad_clip))
-            scaler.step(optimizer)
-            scaler.update()
+            if total.requires_grad:  # not when nothing contributes (ce_weight 0, regularizers warming up)
+                scaler.scale(total).backward()
+                if grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(all_params, float(grad_clip))
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             step += 1
             # every process keeps its terms; flush() averages them over processes
@@ -589,6 +654,10 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     train_time = elapsed + time.perf_counter() - t_start
     if step < total_steps:  # pragma: no cover - the sampler always yields the remaining steps
         raise RuntimeError(f"training stopped at step {step} < {total_steps}")
+
+    run_warnings = _degenerate_run_warnings(ctx, valid_pixels, loss_seen["nonzero"], step - start_step, ignore_index)
+    for w in run_warnings if ctx.is_main else ():
+        log(f"warning: {w}")
 
     # final evaluation ----------------------------------------------------------------------
     t_eval = time.perf_counter()
@@ -612,6 +681,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
         "threads": torch.get_num_threads(), "train_time_s": round(train_time, 2), "eval_time_s": round(eval_time, 2),
         "resumed_from": start_step if ckpt is not None else None, "best": best, "splits": results,
     }
+    if run_warnings:
+        metrics["warnings"] = run_warnings
     if ctx.is_main:
         write_json(metrics, os.path.join(run_dir, "metrics.json"))
     if writer is not None:

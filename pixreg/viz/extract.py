@@ -62,7 +62,7 @@ class SplitResult:
 def load_run(run_dir: str, overrides: Sequence[str] = (), *, checkpoint: str = "last", device: str = "cpu",
              label: Optional[str] = None, dataset=None) -> LoadedRun:
     """Model (weights of ``checkpoint``: ``last``, ``best`` or a path) and criterion of a run."""
-    from ..train.checkpoint import load_checkpoint
+    from ..train.checkpoint import load_checkpoint, load_state
     from ..train.config import resolve_config
     from ..train.trainer import build_run, make_dataset
 
@@ -76,11 +76,11 @@ def load_run(run_dir: str, overrides: Sequence[str] = (), *, checkpoint: str = "
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     dev = torch.device(device)
+    ckpt = load_checkpoint(path, map_location=dev, required=("model", "criterion"))
     ds = dataset if dataset is not None else make_dataset(cfg, cfg["data"]["test_splits"][0])
     model, criterion, _ = build_run(cfg, ds.num_classes, ds.ignore_index, getattr(ds, "background_index", None), dev)
-    ckpt = load_checkpoint(path, map_location=dev)
-    model.load_state_dict(ckpt["model"])
-    criterion.load_state_dict(ckpt["criterion"])
+    load_state(model, ckpt["model"], path)
+    load_state(criterion, ckpt["criterion"], path, "criterion")
     model.eval()
     criterion.eval()
     name = label or os.path.basename(os.path.normpath(run_dir))

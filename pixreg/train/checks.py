@@ -1,0 +1,91 @@
+"""Checks made before a run writes anything: output folder, dataset splits, method.
+
+:func:`preflight` is called by :func:`pixreg.train.trainer.train` after the configuration
+has been validated (:func:`pixreg.train.config.validate`) and before the run folder is
+touched, so that a setting that can only fail later (a test split that does not exist, a
+``class_weight`` of the wrong length, a cplus1 run
+on a dataset without background) fails in seconds instead of after training, and leaves no
+half-made run behind. :func:`check_output_folder` refuses an output path under a file or in
+a read-only folder; :func:`check_run_folder` refuses to overwrite a ``config.yaml`` that
+was not written by a run.
+
+>>> import tempfile, os
+>>> check_output_folder(os.path.join(tempfile.mkdtemp(), "new", "run"))   # fine: will be created
+>>> check_output_folder("/etc/hostname/run")
+Traceback (most recent call last):
+...
+ValueError: --out /etc/hostname/run: /etc/hostname is a file, not a folder
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping
+
+import torch
+
+__all__ = ["check_output_folder", "check_run_folder", "check_datasets", "preflight"]
+
+
+def check_output_folder(path: str, what: str = "--out") -> None:
+    """``ValueError`` unless ``path`` is, or can be created as, a writable folder."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{what} {path}: is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path}: the folder is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot create it, {parent} is not writable")
+
+
+def check_run_folder(run_dir: str) -> None:
+    """``ValueError`` if ``run_dir`` holds a ``config.yaml`` but no run (no ``checkpoints/``
+    folder, which every run creates together with its ``config.yaml``): that file is the
+    user's own, and neither a new run, ``--overwrite`` nor ``--resume`` may replace it."""
+    check_output_folder(run_dir)
+    if os.path.isfile(os.path.join(run_dir, "config.yaml")) and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        raise ValueError(f"--out {run_dir}: holds a config.yaml but no pixreg run (no checkpoints/ folder); "
+                         "refusing to overwrite it: choose another --out folder")
+
+
+def check_datasets(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """Build the training, validation and test datasets of ``cfg`` (kept in the trainer's
+    dataset cache, so this costs nothing extra) and check what depends on them. Errors
+    name the configuration key: ``data.test_splits: 'nope': ...``. Returns the datasets
+    by split."""
+    from .trainer import make_dataset
+
+    d = cfg["data"]
+    keyed = [("data.train_split", d["train_split"], True), ("data.val_split", d["val_split"], False)]
+    keyed += [("data.test_splits", s, False) for s in d["test_splits"]]
+    out: Dict[str, Any] = {}
+    for key, split, train in keyed:
+        try:
+            out[split if not train else "__train__"] = make_dataset(cfg, split, train=train)
+        except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ValueError(f"{key}: split {split!r} of dataset {d['name']!r}: {msg}") from err
+    train_ds = out["__train__"]
+    weights = cfg.get("class_weight")
+    if weights is not None and len(weights) != int(train_ds.num_classes):
+        raise ValueError(f"class_weight has {len(weights)} entries, dataset {d['name']!r} has "
+                         f"{int(train_ds.num_classes)} classes")
+    return out
+
+
+def preflight(cfg: Mapping[str, Any], run_dir: str) -> None:
+    """Everything that can be checked before training writes a file (see the module
+    docstring). Raises ``ValueError`` naming the key, argument or file."""
+    check_run_folder(run_dir)
+    datasets = check_datasets(cfg)
+    train_ds = datasets["__train__"]
+    from .trainer import build_run  # the method's options are checked by building it (small, on CPU)
+
+    build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
+              getattr(train_ds, "background_index", None), torch.device("cpu"))
