@@ -158,6 +158,8 @@ def check_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> No
     key = json.dumps(d, sort_keys=True, default=str)
     if key in _CHECKED:
         return
+    if d.get("features"):  # the source images of the feature caches are what can be corrupt
+        cfg = dict(cfg, data=dict(d, features=None, augment=False))
     splits = {d["train_split"]: make_dataset(cfg, d["train_split"], train=True)}
     for split in [d["val_split"], *d["test_splits"]]:
         if split and split not in splits:
