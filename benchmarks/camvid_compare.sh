@@ -11,11 +11,11 @@
 # test splits with the final model. STEPS defaults to 1600, the protocol the study in
 # benchmarks/protocols.py picked (least CPU time per detectable point); the committed
 # table (benchmarks/results/camvid_compare.md) was made with STEPS=800:
-#   STEPS=800 bash benchmarks/camvid_compare.sh ../shared/data/camvid ce,cplus1,car,lall,rch,cplus1+lall --threads 1
+#   STEPS=800 bash benchmarks/camvid_compare.sh /path/to/CamVid ce,cplus1,car,lall,rch,cplus1+lall --threads 1
 # C+1 needs a background class, which CamVid lacks: Sky (class 0) plays that role here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=${1:-../shared/data/camvid}
+ROOT=${1:-${PIXREG_CAMVID:?usage: bash benchmarks/camvid_compare.sh /path/to/CamVid [methods] [pixreg compare options] (SegNet layout; or set PIXREG_CAMVID)}}
 METHODS=${2:-ce,cplus1,car,lall,rch}
 shift $(( $# > 2 ? 2 : $# )) || true
 STEPS=${STEPS:-1600}

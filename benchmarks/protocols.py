@@ -303,7 +303,8 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data/camvid")
+    p.add_argument("--data-root", default=os.environ.get("PIXREG_CAMVID"),
+                   help="CamVid in the SegNet layout (default: $PIXREG_CAMVID)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated, of " + ", ".join(PROTOCOLS))
     p.add_argument("--seeds", type=int, default=None, help="seeds per protocol (default: the protocol's own)")
     p.add_argument("--threads", type=int, default=1, help="threads per run")
@@ -315,6 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for n in names:
         if n not in PROTOCOLS:
             p.error(f"unknown protocol {n!r}; choose from {', '.join(PROTOCOLS)}")
+    if (args.measure_cpu or not args.report_only) and not args.data_root:
+        p.error("--data-root /path/to/CamVid (SegNet layout) is required, or set PIXREG_CAMVID")
     if args.measure_cpu:
         for n in names:
             print(measure_cpu(n, args.data_root))

@@ -54,7 +54,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
                    help="override a configuration key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="device (default: config, auto)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: config)")
-    p.add_argument("--data-root", default=None, help="dataset folder (sets data.root), e.g. ../shared/data/camvid")
+    p.add_argument("--data-root", default=None, help="dataset folder (sets data.root), e.g. /path/to/CamVid")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error (also: PIXREG_DEBUG=1)")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install pixreg with every extra, torch pinned to the CPU build.
+# Create .venv (if missing) and install pixreg with every extra, torch at the version of constraints.txt
+# (the CPU build where pip finds a CPU wheel first; see README, "Which torch build").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -2,7 +2,8 @@
 
 :func:`preflight` is called by :func:`pixreg.train.trainer.train` after the configuration
 has been validated (:func:`pixreg.train.config.validate`) and before the run folder is
-touched, so that a setting that can only fail later (a test split that does not exist, a
+touched (and, in the main process, :func:`scan_data` reads every sample once), so that a
+setting that can only fail later (a test split that does not exist, a
 ``class_weight`` of the wrong length, a cplus1 run
 on a dataset without background) fails in seconds instead of after training, and leaves no
 half-made run behind. :func:`check_output_folder` refuses an output path under a file or in
@@ -18,12 +19,13 @@ ValueError: --out /etc/hostname/run: /etc/hostname is a file, not a folder
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping
 
 import torch
 
-__all__ = ["check_output_folder", "check_run_folder", "check_datasets", "preflight"]
+__all__ = ["check_output_folder", "check_run_folder", "check_datasets", "preflight", "scan_data"]
 
 
 def check_output_folder(path: str, what: str = "--out") -> None:
@@ -89,3 +91,29 @@ def preflight(cfg: Mapping[str, Any], run_dir: str) -> None:
 
     build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
               getattr(train_ds, "background_index", None), torch.device("cpu"))
+
+
+_SCANNED: set = set()
+
+
+def scan_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
+    """Read every sample of the training, validation and test splits once
+    (:func:`pixreg.data.preflight`): corrupt or truncated files, image/label size mismatches,
+    labels outside the classes and unknown colours raise :class:`pixreg.data.DatasetError`
+    listing them all; one summary line per split is logged. Done once per process for a given
+    ``data`` configuration; ``data.check: false`` skips it."""
+    from ..data import preflight as scan
+
+    d = cfg["data"]
+    if not d.get("check", True):
+        return
+    key = json.dumps(d, sort_keys=True, default=str)
+    if key in _SCANNED:
+        return
+    if d.get("features"):  # cached encoder features: scan their source images
+        cfg = dict(cfg, data=dict(d, features=None, augment=False))
+    datasets = check_datasets(cfg)
+    splits = {d["train_split"]: datasets.pop("__train__")}
+    splits.update({s: ds for s, ds in datasets.items() if s not in splits})
+    scan(splits, log=log)
+    _SCANNED.add(key)

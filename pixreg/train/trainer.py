@@ -41,7 +41,7 @@ from ..criterion import RegularizedCriterion, RegularizedModel
 from ..distributed import all_reduce_sum_no_grad, convert_global_batchnorm
 from . import dist as dist_utils
 from .checkpoint import atomic_save, load_checkpoint, load_state, remove_stale_temporaries, rng_state, set_rng_state
-from .checks import preflight
+from .checks import preflight, scan_data
 from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml
 from .data import SeededDataset, StepBatchSampler, collate, eval_collate, shard_indices
 from .methods import build_criterion, method_slug
@@ -140,32 +140,6 @@ def make_dataset(cfg: Mapping[str, Any], split: str, *, train: bool = False, cac
             _DATASET_CACHE.pop(next(iter(_DATASET_CACHE)))
         _DATASET_CACHE[key] = ds
     return ds
-
-
-_CHECKED: set = set()
-
-
-def check_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
-    """Pre-flight scan (:func:`pixreg.data.preflight`) of the training, validation and test
-    splits of ``cfg["data"]``: every sample is read once; corrupt or truncated files, size
-    mismatches and invalid labels raise :class:`pixreg.data.DatasetError` listing them all.
-    Done once per process for a given data configuration; ``data.check: false`` skips it."""
-    from ..data import preflight
-
-    d = cfg["data"]
-    if not d.get("check", True):
-        return
-    key = json.dumps(d, sort_keys=True, default=str)
-    if key in _CHECKED:
-        return
-    if d.get("features"):  # the source images of the feature caches are what can be corrupt
-        cfg = dict(cfg, data=dict(d, features=None, augment=False))
-    splits = {d["train_split"]: make_dataset(cfg, d["train_split"], train=True)}
-    for split in [d["val_split"], *d["test_splits"]]:
-        if split and split not in splits:
-            splits[split] = make_dataset(cfg, split)
-    preflight(splits, log=log)
-    _CHECKED.add(key)
 
 
 class TrainStep(nn.Module):
@@ -428,8 +402,6 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     best_path = os.path.join(ckpt_dir, "best.pt")
     metrics_path = os.path.join(run_dir, "metrics.json")
     status = run_status(run_dir)
-    if ctx.is_main and not (resume and status == "finished"):
-        check_data(cfg, log)  # before anything is written to (or removed from) the run folder
 
     ckpt: Optional[Dict[str, Any]] = None
     if status != "empty" and resume:
@@ -445,6 +417,8 @@ def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, pro
     elif status != "empty" and not overwrite:
         raise RunExists(f"{run_dir} already holds a run ({status}); pass --resume to continue it or --overwrite to restart")
     preflight(cfg, run_dir)  # config, device, datasets, method: before anything is written
+    if ctx.is_main:
+        scan_data(cfg, log)  # every sample read once: corrupt files, sizes, labels (also before writing)
     if status != "empty":
         if resume:
             ckpt = load_checkpoint(last_path, map_location="cpu", required=_CKPT_KEYS)
