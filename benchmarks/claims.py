@@ -17,8 +17,9 @@ holds), ``inconclusive at this power`` otherwise, with the smallest effect the s
 could have detected (80 % power; :func:`pixreg.train.stats.detectable_effect`).
 Rows whose runs are missing say ``not run``.
 
-CamVid rows come from the CamVid comparison (``benchmarks/camvid_compare.sh``, results in
-``benchmarks/results/camvid_compare.json``) when it exists.
+CamVid rows come from the CamVid comparisons when their results exist: from scratch
+(``benchmarks/camvid_compare.sh``, ``benchmarks/results/camvid_compare.json``) and on the
+frozen-encoder protocol (``benchmarks/camvid_frozen.sh``, ``benchmarks/results/camvid_frozen.json``).
 """
 from __future__ import annotations
 
@@ -231,19 +232,41 @@ def scoreboard(out: str, seeds: Sequence[int]) -> List[Dict[str, Any]]:
         if notes:
             row["verdict"] += " — degenerate: " + ", ".join(notes)
         rows.append(row)
-    camvid = os.path.join(ROOT, "benchmarks", "results", "camvid_compare.json")
-    if os.path.exists(camvid):
-        summ = json.load(open(camvid))
-        test = summ["splits"].get("test", {}).get("methods", {})
-        for paper, m in CAMVID:
-            if m not in test:
-                continue
-            d = test[m]["mIoU"]["diff"]
-            rows.append(dict(paper=paper, claim=f"{m} beats CE on CamVid", paper_number="gain reported", dataset="camvid",
-                             a=m, b="ce", metric="mIoU", split="test", direction=1, diff=d, verdict=judge(d, 1),
-                             mean_a=test[m]["mIoU"]["mean"], mean_b=test["ce"]["mIoU"]["mean"],
-                             values_a=test[m]["mIoU"]["values"], values_b=test["ce"]["mIoU"]["values"],
-                             protocol=summ.get("command", "")))
+    for dataset, name, protocol in CAMVID_RESULTS:
+        rows += camvid_rows(os.path.join(ROOT, "benchmarks", "results", f"{name}.json"), dataset, protocol)
+    return rows
+
+
+#: CamVid comparisons the scoreboard reads: (data label, results file stem, protocol words).
+CAMVID_RESULTS = (
+    ("camvid", "camvid_compare", "FCN-ResNet10 from scratch, 3 seeds"),
+    ("camvid (frozen Lite0)", "camvid_frozen", "frozen ImageNet EfficientNet-Lite0 + FPN decoder (benchmarks/camvid_frozen.sh)"),
+)
+
+
+def camvid_rows(path: str, dataset: str, protocol: str) -> List[Dict[str, Any]]:
+    """The "<regularizer> beats CE on CamVid" rows of one ``pixreg compare`` result file
+    (none when the file is absent); a side with single-class seeds is flagged."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        summ = json.load(f)
+    test = summ["splits"].get("test", {}).get("methods", {})
+    rows = []
+    for paper, m in CAMVID:
+        if m not in test or "ce" not in test:
+            continue
+        d = test[m]["mIoU"]["diff"]
+        row = dict(paper=paper, claim=f"{m} beats CE on CamVid", paper_number="gain reported", dataset=dataset,
+                   a=m, b="ce", metric="mIoU", split="test", direction=1, diff=d, verdict=judge(d, 1),
+                   mean_a=test[m]["mIoU"]["mean"], mean_b=test["ce"]["mIoU"]["mean"],
+                   values_a=test[m]["mIoU"]["values"], values_b=test["ce"]["mIoU"]["values"],
+                   protocol=f"{protocol}: {summ.get('command', '')}")
+        notes = [f"`{v}` predicts one class only in {len(test[v].get('single_class_seeds') or [])}/{len(summ['seeds'])} seeds"
+                 for v in (m, "ce") if test[v].get("single_class_seeds")]
+        if notes:
+            row["verdict"] += " — degenerate: " + ", ".join(notes)
+        rows.append(row)
     return rows
 
 
