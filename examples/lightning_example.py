@@ -1,4 +1,4 @@
-"""pixreg with PyTorch Lightning (needs ``pip install 'pixreg[lightning]'``).
+"""pixreg with PyTorch Lightning (needs the ``lightning`` extra: ``pip install -e '.[lightning]'``).
 
 Runs as it stands on CPU in seconds: ``python examples/lightning_example.py``. Trains a
 small network with two regularizers, saves a Lightning checkpoint (the criterion's
@@ -41,7 +41,7 @@ class TinySegNet(nn.Module):
 
 def make_criterion() -> RegularizedCriterion:
     return RegularizedCriterion({
-        "car": Term(CARLoss(NUM_CLASSES), weight=1.0),
+        "car": Term(CARLoss(NUM_CLASSES), loss_weight=1.0),
         "rch": Term(RCHLoss(NUM_CLASSES, FEAT_DIM), warmup=2),
     })
 

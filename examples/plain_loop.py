@@ -49,8 +49,8 @@ def main(steps: int = 20) -> nn.Module:
     model = TinySegNet()
     criterion = RegularizedCriterion({
         "cplus1": Term(CPlus1Loss(NUM_CLASSES, FEAT_DIM)),                    # background = class 0
-        "car": Term(CARLoss(NUM_CLASSES), weight=1.0, warmup=5),              # off for 5 steps
-        "lall": Term(LocallyAdaptiveLoss(num_classes=NUM_CLASSES), weight=0.1),  # logits only
+        "car": Term(CARLoss(NUM_CLASSES), loss_weight=1.0, warmup=5),              # off for 5 steps
+        "lall": Term(LocallyAdaptiveLoss(num_classes=NUM_CLASSES), loss_weight=0.1),  # logits only
         "rch": Term(RCHLoss(NUM_CLASSES, FEAT_DIM)),                          # owns a training-only head
     }, ignore_index=255)
     wrapped = RegularizedModel(model, criterion, layers="features")  # hooks the features' output

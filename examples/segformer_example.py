@@ -1,4 +1,4 @@
-"""pixreg on a Hugging Face transformers SegFormer (needs ``pip install 'pixreg[segformer]'``).
+"""pixreg on a Hugging Face transformers SegFormer (needs the ``segformer`` extra: ``pip install -e '.[segformer]'``).
 
 Runs as it stands on CPU in seconds: ``python examples/segformer_example.py``. The model
 is built from a small config with random weights (nothing is downloaded); with your own
@@ -41,7 +41,7 @@ def main(steps: int = 10) -> SegformerForSemanticSegmentation:
     criterion = RegularizedCriterion({
         "cplus1": CPlus1Loss(NUM_CLASSES, dim),
         "car": CARLoss(NUM_CLASSES),
-        "lall": Term(LocallyAdaptiveLoss(num_classes=NUM_CLASSES), weight=0.1),
+        "lall": Term(LocallyAdaptiveLoss(num_classes=NUM_CLASSES), loss_weight=0.1),
         "rch": RCHLoss(NUM_CLASSES, dim),
     })
     wrapped = attach(model, criterion)  # hooks "decode_head.activation" (1/4 resolution)

@@ -10,14 +10,14 @@ The command line and training loop are in :mod:`pixreg.train` (extra ``pixreg[tr
 from . import functional
 from .criterion import CriterionOutput, RegularizedCriterion, RegularizedModel, Term
 from .hooks import FeatureCapture
-from .losses import CARLoss, CPlus1Loss, LocallyAdaptiveLoss, LossOutput, RCHLoss, Regularizer
+from .losses import CARLoss, CPlus1Loss, LocallyAdaptiveLoss, LossOutput, RCHLoss, Regularizer, make_regularizer
 from .losses._common import set_validation
 
 __version__ = "0.2.0"
 
 __all__ = [
     "CPlus1Loss", "CARLoss", "LocallyAdaptiveLoss", "RCHLoss",
-    "Regularizer", "LossOutput",
+    "Regularizer", "LossOutput", "make_regularizer",
     "Term", "CriterionOutput", "RegularizedCriterion", "RegularizedModel",
     "FeatureCapture", "functional", "set_validation",
 ]

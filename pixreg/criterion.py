@@ -4,8 +4,8 @@
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
 >>> criterion = pixreg.RegularizedCriterion({
-...     "car": pixreg.Term(pixreg.CARLoss(num_classes=4), weight=1.0, warmup=0),
-...     "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), weight=1.0),
+...     "car": pixreg.Term(pixreg.CARLoss(num_classes=4), loss_weight=1.0, warmup=0),
+...     "lall": pixreg.Term(pixreg.LocallyAdaptiveLoss(), loss_weight=1.0),
 ... })
 >>> wrapped = pixreg.RegularizedModel(model, criterion, layers="1")
 >>> x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))
@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -25,32 +26,64 @@ from torch import nn
 
 from .distributed import all_reduce_sum, all_reduce_sum_no_grad
 from .hooks import FeatureCapture
-from .losses._common import check_floating, check_labels, check_same_device, to_parameter_dtype
+from .losses._common import (
+    check_floating, check_int, check_labels, check_real, check_same_device, renamed, to_parameter_dtype,
+)
 from .losses.base import Regularizer
 
 __all__ = ["Term", "CriterionOutput", "RegularizedCriterion", "RegularizedModel"]
 
 
-@dataclass
+@dataclass(init=False)
 class Term:
     """One regularizer in a :class:`RegularizedCriterion`.
 
     Args:
         loss: the regularizer module.
-        weight: multiplies the regularizer's loss (which already includes its own term weights).
+        loss_weight: multiplies the regularizer's loss (which already includes its own term
+            weights): a finite number >= 0. ``weight``, its old name, is accepted for one
+            version with a ``DeprecationWarning`` (renamed so that it cannot be taken for
+            torch's per-class ``weight`` tensor; mmsegmentation's name).
         warmup: number of training steps (criterion calls in training mode) during which
-            the term is off: not computed, state not updated, reported as 0.
+            the term is off: not computed, state not updated, reported as 0 (an int >= 0).
         layer: which captured feature layer feeds it (default: the only one, or the
             tensor passed as ``features``).
         projection: optional training-only module applied to the features first (e.g. a
             1x1 conv for CAR or C+1); it belongs to the criterion, not to the model.
+
+    >>> import pixreg
+    >>> pixreg.Term(pixreg.CARLoss(4), loss_weight=0.5).loss_weight
+    0.5
     """
 
     loss: Regularizer
-    weight: float = 1.0
-    warmup: int = 0
-    layer: Optional[str] = None
-    projection: Optional[nn.Module] = None
+    loss_weight: float
+    warmup: int
+    layer: Optional[str]
+    projection: Optional[nn.Module]
+
+    def __init__(
+        self,
+        loss: Regularizer,
+        loss_weight: float = 1.0,
+        warmup: int = 0,
+        layer: Optional[str] = None,
+        projection: Optional[nn.Module] = None,
+        *,
+        weight: Optional[float] = None,
+    ) -> None:
+        loss_weight = renamed("Term", "weight", weight, "loss_weight", loss_weight, 1.0)
+        self.loss = loss
+        self.loss_weight = check_real("loss_weight", loss_weight, lo=0.0)
+        self.warmup = check_int("warmup", warmup, lo=0)
+        self.layer = layer
+        self.projection = projection
+
+    @property
+    def weight(self) -> float:
+        """Deprecated alias of :attr:`loss_weight` (read-only)."""
+        warnings.warn("Term.weight is deprecated; use Term.loss_weight", DeprecationWarning, stacklevel=2)
+        return self.loss_weight
 
 
 class CriterionOutput(NamedTuple):
@@ -62,7 +95,7 @@ class CriterionOutput(NamedTuple):
 
 
 class RegularizedCriterion(nn.Module):
-    """``total = ce_weight * CE(logits, labels) + sum_r weight_r * L_r``.
+    """``total = ce_weight * CE(logits, labels) + sum_r loss_weight_r * L_r``.
 
     Args:
         regularizers: name -> :class:`Term` (or a bare regularizer, weight 1, no warm-up).
@@ -87,8 +120,8 @@ class RegularizedCriterion(nn.Module):
         class_weight: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
-        self.ce_weight = float(ce_weight)
-        self.ignore_index = int(ignore_index)
+        self.ce_weight = check_real("ce_weight", ce_weight, lo=0.0)
+        self.ignore_index = check_int("ignore_index", ignore_index)
         self.specs: Dict[str, Term] = {}
         self.losses = nn.ModuleDict()
         self.projections = nn.ModuleDict()
@@ -198,9 +231,10 @@ class RegularizedCriterion(nn.Module):
             if self.training and step < spec.warmup:
                 return
             feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
-            reg_values[name] = spec.weight * loss_mod.compute(
-                labels, features=feats, logits=logits if loss_mod.uses_logits else None)
-            reg_terms[name] = {f"{name}/{tname}": (spec.weight * tval).detach() for tname, tval in loss_mod.terms.items()}
+            reg_values[name] = spec.loss_weight * loss_mod.compute(labels, features=feats, logits=logits)
+            reg_terms[name] = {
+                f"{name}/{tname}": (spec.loss_weight * tval).detach() for tname, tval in loss_mod.terms.items()
+            }
 
         before_ce = [n for n in self.specs if getattr(self.losses[n], "logits_gradient", False)]
         for name in before_ce:

@@ -78,7 +78,7 @@ def test_builtin_configs_by_name_or_former_path(tmp_path, monkeypatch):
 def test_overrides_are_yaml_and_checked():
     cfg = resolve_config(None, ["train.lr=0.5", "data.size=[40, 48]", "methods.car.eps0=0.3", "model.opts.width=8"])
     assert cfg["train"]["lr"] == 0.5 and cfg["data"]["size"] == [40, 48]
-    assert cfg["methods"]["car"] == {"weight": 1.0, "warmup": 0, "eps0": 0.3}
+    assert cfg["methods"]["car"] == {"loss_weight": 1.0, "warmup": 0, "eps0": 0.3}
     assert cfg["model"]["opts"]["width"] == 8 and cfg["model"]["opts"]["depth"] == DEFAULTS["model"]["opts"]["depth"]
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     with pytest.raises(KeyError, match="train.lrr"):
@@ -110,7 +110,7 @@ def _model():
 def test_build_criterion_every_method_and_combination():
     model = _model()
     for spec in ("ce", "cplus1", "car", "lall", "rch", "car+lall", "cplus1+rch"):
-        crit, layers = build_criterion(spec, model, num_classes=4, background_index=0, options={"lall": {"weight": 0.5, "warmup": 3}})
+        crit, layers = build_criterion(spec, model, num_classes=4, background_index=0, options={"lall": {"loss_weight": 0.5, "warmup": 3}})
         assert layers == ["head"]
         assert sorted(crit.specs) == sorted(parse_method(spec))
         x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
@@ -121,8 +121,8 @@ def test_build_criterion_every_method_and_combination():
         assert torch.isfinite(out.total)
         out.total.backward()
         wrapped.unwrap()
-    crit, _ = build_criterion("lall", model, num_classes=4, options={"lall": {"weight": 0.5, "warmup": 3}})
-    assert crit.specs["lall"].weight == 0.5 and crit.specs["lall"].warmup == 3
+    crit, _ = build_criterion("lall", model, num_classes=4, options={"lall": {"loss_weight": 0.5, "warmup": 3}})
+    assert crit.specs["lall"].loss_weight == 0.5 and crit.specs["lall"].warmup == 3
 
 
 def test_build_criterion_fills_model_and_dataset_attributes():
@@ -131,8 +131,8 @@ def test_build_criterion_fills_model_and_dataset_attributes():
                               options={"rch": {"loss_weight": 0.3}, "cplus1": {"centres": "classifier"}})
     assert crit.ignore_index == 7
     c1 = crit.losses["cplus1"]
-    assert c1.background_index == 2 and c1.feat_dim == model.feature_dim
-    assert getattr(crit.losses["rch"], "weight") == 0.3
+    assert c1.background_index == 2 and c1.feature_dim == model.feature_dim
+    assert crit.specs["rch"].loss_weight == 0.3 and crit.losses["rch"].loss_weight == 1.0
     # a projection is a training-only parameter of the criterion, not of the model
     crit, _ = build_criterion("car", model, num_classes=4, options={"car": {"projection": "conv1x1", "projection_dim": 16}})
     assert isinstance(crit.projections["car"], torch.nn.Conv2d) and crit.projections["car"].out_channels == 16

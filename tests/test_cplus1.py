@@ -536,7 +536,7 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_classes=1), "num_classes"),
-    (dict(feat_dim=0), "feat_dim"),
+    (dict(feature_dim=0), "feature_dim"),
     (dict(background_index=4), "background_index"),
     (dict(distance="l1"), "distance"),
     (dict(centres="shared"), "centres"),
@@ -545,7 +545,7 @@ def test_bad_inputs_raise():
     (dict(classifier=nn.Linear(5, 4)), "classifier"),  # classifier with moving average
 ])
 def test_bad_constructor_arguments(kwargs, match):
-    args = dict(num_classes=4, feat_dim=5)
+    args = dict(num_classes=4, feature_dim=5)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         CPlus1Loss(**args)

@@ -35,7 +35,7 @@ def toy_model():
 
 def test_total_is_ce_plus_weighted_terms_and_terms_named():
     model = toy_model()
-    crit = RegularizedCriterion({"m": Term(MeanSquare(), weight=0.5)})
+    crit = RegularizedCriterion({"m": Term(MeanSquare(), loss_weight=0.5)})
     wrapped = RegularizedModel(model, crit, layers="1")
     x = torch.randn(2, 3, 8, 8)
     y = torch.randint(0, 4, (2, 8, 8))

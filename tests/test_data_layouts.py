@@ -300,3 +300,24 @@ def test_train_checks_the_data_before_writing_the_run_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "train: 4 images (32x32)" in printed and "val: 1 image (32x32)" in printed
     assert (out / "metrics.json").exists()
+
+
+def test_data_check_false_skips_the_scan(tmp_path):
+    pytest.importorskip("yaml")
+    from pixreg.train.checks import scan_data
+    from pixreg.train.config import resolve_config
+
+    rng = np.random.default_rng(9)
+    write_mixed_folder(tmp_path, rng, [(16, 16)] * 2)
+    (tmp_path / "images" / "m1.png").write_bytes(b"broken")
+    sets = [f"data.root={tmp_path}", "data.name=folder", "data.opts={num_classes: 3}", "data.size=[16,16]",
+            "data.val_split=train", "data.test_splits=[]"]
+    with pytest.raises(DatasetError, match="m1.png"):
+        scan_data(resolve_config(None, sets), log=None)
+    scan_data(resolve_config(None, sets + ["data.check=false"]), log=None)  # skipped: no error
+    # a run saved before the key existed (or with another value) still resumes
+    from pixreg.train.config import RESUME_MUTABLE, config_diff
+
+    old = resolve_config(None, sets)
+    del old["data"]["check"]
+    assert config_diff(old, resolve_config(None, sets + ["data.check=false"]), ignore=RESUME_MUTABLE) == []

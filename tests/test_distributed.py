@@ -74,14 +74,14 @@ def make_case(name: str):
     base = name.split(":")[0]
     extra = {}
     if base == "cplus1":
-        mod = CPlus1Loss(num_classes=K, feat_dim=D)
+        mod = CPlus1Loss(num_classes=K, feature_dim=D)
     elif base == "cplus1_euclid":
-        mod = CPlus1Loss(num_classes=K, feat_dim=D, distance="euclidean", normalize=False, margin=3.0)
+        mod = CPlus1Loss(num_classes=K, feature_dim=D, distance="euclidean", normalize=False, margin=3.0)
     elif base == "cplus1_learnable":
-        mod = CPlus1Loss(num_classes=K, feat_dim=D, centres="learnable")
+        mod = CPlus1Loss(num_classes=K, feature_dim=D, centres="learnable")
     elif base == "cplus1_classifier":
         extra["classifier"] = torch.nn.Conv2d(D, K, 1).double()
-        mod = CPlus1Loss(num_classes=K, feat_dim=D, centres="classifier", classifier=extra["classifier"])
+        mod = CPlus1Loss(num_classes=K, feature_dim=D, centres="classifier", classifier=extra["classifier"])
     elif base == "car":
         mod = CARLoss(num_classes=K)
     elif base == "car_released":
@@ -93,18 +93,18 @@ def make_case(name: str):
     elif base == "lall_stride":
         mod = LocallyAdaptiveLoss(window=5, stride=2, xi="weight_sum", distance_weights="uniform", power=1.0)
     elif base == "rch":
-        mod = RCHLoss(num_classes=K, in_channels=D, embed_dim=4)
+        mod = RCHLoss(num_classes=K, feature_dim=D, embed_dim=4)
     elif base == "rch_image":
-        mod = RCHLoss(num_classes=K, in_channels=D, embed_dim=4, sets="image")
+        mod = RCHLoss(num_classes=K, feature_dim=D, embed_dim=4, sets="image")
     elif base == "rch_variant":  # other calibration, update before the loss, BatchNorm in the head
-        mod = RCHLoss(num_classes=K, in_channels=D, embed_dim=4, calibration="cosine_to_mean",
+        mod = RCHLoss(num_classes=K, feature_dim=D, embed_dim=4, calibration="cosine_to_mean",
                       prototype_update="before", head_norm=True)
     elif base == "globalbn":
         mod = _BNProbe()
     elif base == "criterion":  # CE (class-weighted) + the four regularizers, as pixreg train uses them
         mod = RegularizedCriterion({
-            "cplus1": CPlus1Loss(num_classes=K, feat_dim=D), "car": CARLoss(num_classes=K),
-            "lall": LocallyAdaptiveLoss(window=3), "rch": RCHLoss(num_classes=K, in_channels=D, embed_dim=4),
+            "cplus1": CPlus1Loss(num_classes=K, feature_dim=D), "car": CARLoss(num_classes=K),
+            "lall": LocallyAdaptiveLoss(window=3), "rch": RCHLoss(num_classes=K, feature_dim=D, embed_dim=4),
         }, class_weight=torch.linspace(0.5, 1.5, K))
     else:  # pragma: no cover
         raise KeyError(name)

@@ -185,6 +185,15 @@ def test_missing_splits_fail_before_anything_is_written(tmp_path, cache, capsys)
     assert not out.exists()
 
 
+def test_compare_checks_every_method_before_the_first_run(tmp_path, cache, capsys):
+    out = tmp_path / "cmp"
+    # ce would train fine; car's bad option must stop the comparison before ce's run starts
+    code = main(["compare", "--methods", "ce,car", "--seeds", "1", "--out", str(out), "--no-progress"]
+                + set_args(tiny(cache) + ["methods.car.eps0=-1"]))
+    one_line_error(capsys, code, "methods.car")
+    assert not out.exists()
+
+
 def test_a_users_config_yaml_is_never_overwritten(tmp_path, cache, capsys):
     out = tmp_path / "exp"
     out.mkdir()
@@ -274,7 +283,9 @@ def test_all_void_data_and_zero_loss_are_warned(tmp_path, capsys):
     root = _folder_dataset(tmp_path / "void", ["train", "val", "test"], value=255)
     over = FOLDER_RUN + ["data.name=folder", f"data.root={root}", "data.test_splits=[test]"]
     assert main(["train", "--out", str(tmp_path / "r1"), "--no-progress"] + set_args(over)) == 0
-    assert "all-void" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training split 'train' is ignore_index (an all-void dataset)" in out  # before training (pre-flight scan)
+    assert "step(s) trained was ignore_index=255 (an all-void dataset?)" in out  # after it, also in metrics.json
     warned = json.load(open(tmp_path / "r1" / "metrics.json"))["warnings"]
     assert len(warned) == 1 and "ignore_index=255" in warned[0]
     root = _folder_dataset(tmp_path / "ok", ["train", "val", "test"], value=1)
@@ -299,7 +310,7 @@ def test_rch_and_criterion_cast_inputs_to_their_float32_parameters(dtype):
     torch.manual_seed(0)
     feats, logits, labels = torch.randn(2, 6, 5, 5), torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 5, 5))
     feats, logits = feats.to(dtype), logits.to(dtype)  # values representable in `dtype`
-    rch = pixreg.RCHLoss(num_classes=3, in_channels=6, embed_dim=4).eval()
+    rch = pixreg.RCHLoss(num_classes=3, feature_dim=6, embed_dim=4).eval()
     assert torch.equal(rch(feats, logits, labels), rch(feats.float(), logits.float(), labels))
     crit = pixreg.RegularizedCriterion({"car": pixreg.Term(pixreg.CARLoss(num_classes=3), projection=torch.nn.Conv2d(6, 4, 1)),
                                         "rch": pixreg.Term(rch)}).eval()

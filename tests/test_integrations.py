@@ -107,7 +107,7 @@ def assert_no_trace(trained: nn.Module, twin: nn.Module, fresh: nn.Module, x: to
 
 
 def make_criterion(name: str, feature_dim: int) -> RegularizedCriterion:
-    return RegularizedCriterion({name: Term(make_regularizer(name, K, feature_dim), weight=1.0)})
+    return RegularizedCriterion({name: Term(make_regularizer(name, K, feature_dim), loss_weight=1.0)})
 
 
 # ----------------------------------------------------------------------------- SegFormer

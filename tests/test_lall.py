@@ -466,7 +466,7 @@ def test_autocast_bfloat16():
 # ----------------------------------------------------------------------------------
 def test_module_matches_functional_and_records_terms():
     logits, labels = make_inputs(seed=19)
-    mod = LocallyAdaptiveLoss(window=3, power=1, stride=2, xi="weight_sum", weight=0.5, num_classes=4)
+    mod = LocallyAdaptiveLoss(window=3, power=1, stride=2, xi="weight_sum", loss_weight=0.5, num_classes=4)
     assert isinstance(mod, Regularizer) and mod.uses_logits and not mod.uses_features
     z = logits.clone().requires_grad_(True)
     loss = mod(z, labels)
@@ -481,7 +481,7 @@ def test_module_matches_functional_and_records_terms():
     # stateless: empty state_dict that round-trips
     sd = mod.state_dict()
     assert len(sd) == 0
-    other = LocallyAdaptiveLoss(window=3, power=1, stride=2, xi="weight_sum", weight=0.5)
+    other = LocallyAdaptiveLoss(window=3, power=1, stride=2, xi="weight_sum", loss_weight=0.5)
     other.load_state_dict(sd)
     torch.testing.assert_close(other(logits, labels), loss.detach())
     assert "window=3" in repr(mod)
@@ -504,13 +504,16 @@ def test_module_matches_functional_and_records_terms():
         (dict(xi="sum"), "xi"),
         (dict(eps=0.0), "eps"),
         (dict(num_classes=0), "num_classes"),
+        (dict(eps=float("nan")), "eps"),
+        (dict(loss_weight=float("nan")), "loss_weight"),
+        (dict(loss_weight=-1.0), "loss_weight"),
     ],
 )
 def test_bad_hyperparameters(kw, match):
     logits, labels = make_inputs(b=1, h=3, w=3, seed=21)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):  # TypeError: a float window
         locally_adaptive_loss(logits, labels, **kw)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         LocallyAdaptiveLoss(**kw)
 
 

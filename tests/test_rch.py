@@ -204,7 +204,7 @@ def test_switches_and_modes_change_the_loss():
 
 def test_both_off_is_plain_cosine_softmax_ce():
     e, z, y, protos, pvalid = make_inputs(seed=2)
-    out = rch_loss(e, z, y, protos, pvalid, use_fn=False, use_fp=False, tau=0.5, weight=0.1)
+    out = rch_loss(e, z, y, protos, pvalid, use_fn=False, use_fp=False, tau=0.5, loss_weight=0.1)
     # plain CE to the valid prototypes via F.cross_entropy on explicit logits
     lab = F.interpolate(y[:, None].double(), size=(4, 4), mode="nearest")[:, 0].long().reshape(-1)
     ef = e.permute(0, 2, 3, 1).reshape(-1, 5)
@@ -308,7 +308,7 @@ def test_gradcheck(sets, calibration):
     pvalid = torch.tensor([True, True, False])
 
     def f(x):
-        return rch_loss(x, z, y, protos, pvalid, sets=sets, calibration=calibration, weight=1.0).loss
+        return rch_loss(x, z, y, protos, pvalid, sets=sets, calibration=calibration, loss_weight=1.0).loss
 
     assert torch.autograd.gradcheck(f, (e,))
 
@@ -359,7 +359,7 @@ def test_ground_truth_prototype_source_matches_reference():
 
 def _module_and_inputs(prototype_update, seed=10, **kw):
     torch.manual_seed(seed)
-    mod = RCHLoss(num_classes=4, in_channels=6, embed_dim=5, prototype_update=prototype_update, **kw).double()
+    mod = RCHLoss(num_classes=4, feature_dim=6, embed_dim=5, prototype_update=prototype_update, **kw).double()
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(2, 6, 4, 4, generator=g, dtype=DT)
     _, z, y, protos, _ = make_inputs(seed=seed)
@@ -396,8 +396,8 @@ def test_module_first_step_and_eval_mode():
     torch.manual_seed(0)
     feats = torch.randn(2, 6, 4, 4, dtype=DT)
     _, z, y, _, _ = make_inputs(seed=11)
-    before = RCHLoss(4, 6, 5, prototype_update="before").double()
-    after = RCHLoss(4, 6, 5, prototype_update="after").double()
+    before = RCHLoss(4, 6, embed_dim=5, prototype_update="before").double()
+    after = RCHLoss(4, 6, embed_dim=5, prototype_update="after").double()
     f = feats.clone().requires_grad_(True)
     lb = before(f, z, y)
     lb.backward()
@@ -415,7 +415,7 @@ def test_state_dict_round_trip():
     mod(feats, z, y)
     sd = mod.state_dict()
     assert {"prototypes", "initialized", "head.weight"} <= set(sd)
-    fresh = RCHLoss(num_classes=4, in_channels=6, embed_dim=5).double()
+    fresh = RCHLoss(num_classes=4, feature_dim=6, embed_dim=5).double()
     fresh.load_state_dict(sd)
     assert torch.equal(fresh.prototypes, mod.prototypes) and torch.equal(fresh.initialized, mod.initialized)
     mod.eval(), fresh.eval()
@@ -425,7 +425,7 @@ def test_state_dict_round_trip():
 @pytest.mark.parametrize("head_norm", [False, True])
 def test_head_flat_equals_spatial(head_norm):
     torch.manual_seed(0)
-    mod = RCHLoss(4, 6, 5, head_norm=head_norm)
+    mod = RCHLoss(4, 6, embed_dim=5, head_norm=head_norm)
     assert isinstance(mod.norm, torch.nn.BatchNorm2d) == head_norm
     assert (mod.head.bias is None) == head_norm
     x = torch.randn(10, 6)
@@ -452,7 +452,7 @@ def test_compute_entry_point_and_terms():
 
 def test_autocast_bfloat16_close_to_float32():
     torch.manual_seed(0)
-    mod = RCHLoss(4, 6, 16)
+    mod = RCHLoss(4, 6, embed_dim=16)
     g = torch.Generator().manual_seed(12)
     feats = torch.randn(2, 6, 8, 8, generator=g)
     z = 2 * torch.randn(2, 4, 16, 16, generator=g)
@@ -512,13 +512,13 @@ def test_bad_inputs_raise():
         RCHLoss(4, 6, prototype_update="never")
     with pytest.raises(TypeError, match="num_classes"):
         RCHLoss(4.0, 6)
-    mod = RCHLoss(4, 6, 5)
-    with pytest.raises(ValueError, match="in_channels"):
+    mod = RCHLoss(4, 6, embed_dim=5)
+    with pytest.raises(ValueError, match="feature_dim"):
         mod(torch.randn(2, 7, 4, 4), z.float(), y)
     with pytest.raises(ValueError, match="same device"):
         mod(torch.randn(2, 6, 4, 4, device="meta"), z.float(), y)
     with pytest.raises(ValueError, match="sets"):
-        RCHLoss(4, 6, 5, sets="image")(torch.randn(10, 6), torch.randn(10, 4), torch.randint(0, 4, (10,)))
+        RCHLoss(4, 6, embed_dim=5, sets="image")(torch.randn(10, 6), torch.randn(10, 4), torch.randint(0, 4, (10,)))
 
 
 def test_docstring_examples():

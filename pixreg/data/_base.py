@@ -142,7 +142,7 @@ def build_augmentation(size: tuple[int, int] | None, scale_range: tuple[float, f
         import albumentations as A
         import cv2
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("augment=True needs albumentations: pip install 'pixreg[train]'") from err
+        raise ImportError("augment=True needs albumentations: install pixreg's 'train' extra (pip install -e '.[train]' in a checkout) or pip install albumentations") from err
     lo, hi = scale_range
     ops = []
     if size is not None and resize:

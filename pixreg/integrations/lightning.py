@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     except ImportError as exc:
         raise ImportError(
             "pixreg.integrations.lightning needs PyTorch Lightning: "
-            "pip install 'pixreg[lightning]' (or pip install lightning)"
+            "install pixreg's 'lightning' extra (pip install -e '.[lightning]' in a checkout) or pip install lightning"
         ) from exc
 
 from ..criterion import RegularizedCriterion

@@ -52,7 +52,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "pixreg.integrations.segformer needs Hugging Face transformers: "
-        "pip install 'pixreg[segformer]' (or pip install transformers)"
+        "install pixreg's 'segformer' extra (pip install -e '.[segformer]' in a checkout) or pip install transformers"
     ) from exc
 
 from ..criterion import RegularizedCriterion, RegularizedModel

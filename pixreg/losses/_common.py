@@ -14,12 +14,21 @@ Conventions (all losses):
   in one ``index_add`` with no boolean indexing (no host synchronisation); the dump
   row is dropped.
 * statistics are accumulated in float32 (float64 stays float64), also under autocast.
+
+Hyper-parameter vocabulary (every constructor and functional uses it, so every bad value
+gets the same kind of message, naming the argument and what was expected, before any
+work): :func:`check_int`, :func:`check_real` (finite, in a range: NaN, Inf and values out of
+range are refused), :func:`check_choice`, :func:`check_flag`, :func:`check_ignore_index`
+(not a class index), :func:`check_bool_mask`, and :func:`renamed` for a keyword kept for
+one version under its old name. Wrong types raise ``TypeError``, wrong values ``ValueError``.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +56,113 @@ def _value_checks_enabled() -> bool:
         return not torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - old torch
         return True
+
+
+# ------------------------------------------------------------- hyper-parameter checks
+def check_int(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """``value`` as an int in ``[lo, hi]`` (bounds optional, inclusive); bools are refused.
+
+    >>> check_int("window", 5, lo=1)
+    5
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"`{name}` must be an int {_range_text(lo, hi, False, False)}, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    """``value`` as a finite float in the range ``lo..hi`` (``lo_open``/``hi_open`` exclude
+    the bound). NaN and infinities are always refused; bools and strings are not numbers.
+
+    >>> check_real("momentum", 0.9, lo=0.0, hi=1.0, hi_open=True)
+    0.9
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    bad = bad or (lo is not None and (v <= lo if lo_open else v < lo))
+    bad = bad or (hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        raise ValueError(f"`{name}` must be a finite number {_range_text(lo, hi, lo_open, hi_open)}, got {value!r}")
+    return v
+
+
+def _range_text(lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return ""
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``."""
+    if value not in tuple(choices):
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (``"no"`` or ``2`` are not silently true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_ignore_index(ignore_index: Any, num_classes: Optional[int]) -> int:
+    """``ignore_index`` as an int that is not a class index ``0..num_classes-1``: a class that
+    is also "ignored" would silently vanish from every loss."""
+    ignore_index = check_int("ignore_index", ignore_index)
+    if num_classes is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"`ignore_index`={ignore_index} is a class index (num_classes={num_classes}): "
+            f"use a value outside 0..{num_classes - 1}, e.g. 255 or -1"
+        )
+    return ignore_index
+
+
+def check_bool_mask(name: str, mask: Any, length: int) -> None:
+    """``mask`` must be a ``(length,)`` bool tensor."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`{name}` must be a bool tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != (length,):
+        raise ValueError(f"`{name}` must have shape ({length},), got {tuple(mask.shape)}")
+
+
+def renamed(owner: str, old_name: str, old_value: Any, new_name: str, new_value: Any, default: Any = None) -> Any:
+    """The value of a keyword renamed from ``old_name`` to ``new_name`` (old name kept for one
+    version): ``new_value`` when the old name was not used (``old_value is None``), else
+    ``old_value`` with a ``DeprecationWarning``. Giving both (``new_value`` not its
+    ``default``) is an error.
+
+    >>> renamed("Term", "weight", None, "loss_weight", 0.5, 1.0)
+    0.5
+    """
+    if old_value is None:
+        return new_value
+    warnings.warn(
+        f"{owner}: `{old_name}` is deprecated and will be removed in the next version; use `{new_name}`",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if new_value is not None and new_value != default:
+        raise TypeError(f"{owner}: give `{new_name}` or the deprecated `{old_name}`, not both")
+    return old_value
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -227,6 +343,57 @@ def global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Ten
     total = all_reduce_sum(local_sum)
     count = all_reduce_sum_no_grad(local_count.to(total.dtype))
     return total / count.clamp(min=1)
+
+
+@torch.no_grad()
+def ema_class_means(
+    feats: torch.Tensor,
+    index: torch.Tensor,
+    means: torch.Tensor,
+    initialized: torch.Tensor,
+    momentum: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""One moving-average step of per-class means (C+1 centres, RCH prototypes, CAR's EMA centres).
+
+    .. math::
+
+        m_k \leftarrow \begin{cases}
+            \mathrm{momentum}\, m_k + (1 - \mathrm{momentum})\, b_k & k \text{ present and initialised} \\
+            b_k & k \text{ present, first sighting} \\
+            m_k & k \text{ absent}
+        \end{cases}
+
+    with ``b_k`` the mean of the rows of ``feats`` whose ``index`` is ``k`` over the global
+    batch (sums and counts all-reduced without autograd, so every process gets the same
+    state); ``index`` values ``>= K`` (a dump class) belong to no class.
+
+    Args:
+        feats: ``(N, D)`` features (used detached).
+        index: ``(N,)`` int64 class of each row, ``0..K`` (``K`` = none).
+        means: ``(K, D)`` current means (not modified).
+        initialized: ``(K,)`` bool, which means exist (all True for a state that starts
+            from an initial value rather than from the first batch).
+        momentum: weight of the old mean, in ``[0, 1)``.
+
+    Returns:
+        ``(new_means (K, D) in the dtype of feats, new_initialized (K,))``.
+
+    Example:
+        >>> m, init = ema_class_means(torch.tensor([[2.0], [4.0]]), torch.tensor([0, 2]),
+        ...                           torch.zeros(2, 1), torch.tensor([True, False]), 0.5)
+        >>> m.tolist(), init.tolist()
+        ([[1.0], [0.0]], [True, False])
+    """
+    k = means.shape[0]
+    f = feats.detach()
+    sums = all_reduce_sum_no_grad(f.new_zeros(k + 1, f.shape[1]).index_add(0, index, f)[:k])
+    counts = all_reduce_sum_no_grad(bin_counts(index, k + 1)[:k].to(f.dtype))
+    present = counts > 0
+    batch = sums / counts.clamp(min=1).unsqueeze(1)
+    old = means.detach().to(f.dtype)
+    blended = momentum * old + (1.0 - momentum) * batch
+    new = torch.where(present[:, None], torch.where(initialized[:, None], blended, batch), old)
+    return new, initialized | present
 
 
 def to_parameter_dtype(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:

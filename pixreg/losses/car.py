@@ -19,12 +19,17 @@ from typing import Dict, Optional
 import torch
 
 from ._common import (
+    check_choice,
     check_floating,
+    check_ignore_index,
+    check_int,
     check_labels,
+    check_real,
     check_same_device,
     class_stats,
     compute_dtype,
     dump_labels,
+    ema_class_means,
     flatten_features,
     global_mean,
     no_autocast,
@@ -41,7 +46,6 @@ RELEASED_INTRA_FLOOR = 1e-5
 
 _VARIANTS = ("paper", "released")
 _THRESHOLD_CLASSES = ("present", "all")
-TERM_NAMES = ("intra_c2p", "inter_c2c", "inter_c2p")
 
 
 def _check_args(
@@ -57,10 +61,7 @@ def _check_args(
     ema_decay: Optional[float],
 ) -> str:
     """Validate hyper-parameters; return the resolved ``threshold_classes``."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"`num_classes` must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be >= 1, got {num_classes}")
+    check_int("num_classes", num_classes, lo=1)
     for name, v in (
         ("intra_weight", intra_weight),
         ("c2c_weight", c2c_weight),
@@ -68,31 +69,16 @@ def _check_args(
         ("eps0", eps0),
         ("eps1", eps1),
     ):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"`{name}` must be a real number, got {type(v).__name__}")
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"`{name}` must be finite and >= 0, got {v}")
-    if variant not in _VARIANTS:
-        raise ValueError(f"`variant` must be one of {_VARIANTS}, got {variant!r}")
+        check_real(name, v, lo=0.0)
+    check_choice("variant", variant, _VARIANTS)
     if threshold_classes is None:
         threshold_classes = "present" if variant == "paper" else "all"
-    if threshold_classes not in _THRESHOLD_CLASSES:
-        raise ValueError(
-            f"`threshold_classes` must be one of {_THRESHOLD_CLASSES} or None, got {threshold_classes!r}"
-        )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"`ignore_index` must be an int, got {type(ignore_index).__name__}")
-    if 0 <= ignore_index < num_classes:
-        raise ValueError(
-            f"`ignore_index`={ignore_index} collides with a class index (num_classes={num_classes})"
-        )
+    check_choice("threshold_classes", threshold_classes, _THRESHOLD_CLASSES)
+    check_ignore_index(ignore_index, num_classes)
     if ema_decay is not None:
         if variant != "released":
             raise ValueError("`ema_decay` (EMA of centres) is only available with variant='released'")
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
-            raise TypeError(f"`ema_decay` must be a real number, got {type(ema_decay).__name__}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}")
+        check_real("ema_decay", ema_decay, lo=0.0, hi=1.0, hi_open=True)
     return threshold_classes
 
 
@@ -228,9 +214,10 @@ def car_loss(
         mu = stats.centres()  # (K, D); absent rows 0
         if ema_centres is not None:
             if ema_update:
+                every = torch.ones_like(present)  # initialised (Glorot), so no first-sighting copy
+                new, _ = ema_class_means(x, dl, ema_centres, every, ema_decay)
                 with torch.no_grad():
-                    step = (mu.detach().to(ema_centres.dtype) - ema_centres) * (1.0 - ema_decay)
-                    ema_centres.add_(step * present.unsqueeze(1).to(ema_centres.dtype))
+                    ema_centres.copy_(new)
             mu = ema_centres.detach().to(dt).clone()
         # (N, K) bool, 1 byte per entry; ignored rows (dump class k) all False
         one_hot = dl.unsqueeze(1) == torch.arange(k, device=x.device).unsqueeze(0)
@@ -400,16 +387,19 @@ class CARLoss(Regularizer):
     switches c2p off (configs switch it on); here all three weights default to 1. Its 1x1 ``linear_conv`` in front of
     the loss is not part of this module (use a ``projection`` in the criterion).
 
-    Args: as :func:`car_loss`, plus ``ema_decay`` (``None`` = off) and ``feature_dim``
-    (``D``, required with ``ema_decay``).
+    Args: as :func:`car_loss` (hyper-parameters keyword-only), plus ``ema_decay``
+    (``None`` = off) and ``feature_dim`` (``D``, required with ``ema_decay``).
     """
 
     uses_features = True
     uses_logits = False
+    num_classes_required = True
 
     def __init__(
         self,
         num_classes: int,
+        feature_dim: Optional[int] = None,
+        *,
         intra_weight: float = 1.0,
         c2c_weight: float = 1.0,
         c2p_weight: float = 1.0,
@@ -419,14 +409,12 @@ class CARLoss(Regularizer):
         threshold_classes: Optional[str] = None,
         ignore_index: int = 255,
         ema_decay: Optional[float] = None,
-        feature_dim: Optional[int] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes, ignore_index=ignore_index, feature_dim=feature_dim)
         _check_args(
             num_classes, intra_weight, c2c_weight, c2p_weight, eps0, eps1, variant,
             threshold_classes, ignore_index, ema_decay,
         )
-        self.num_classes = num_classes
         self.intra_weight = float(intra_weight)
         self.c2c_weight = float(c2c_weight)
         self.c2p_weight = float(c2p_weight)
@@ -434,13 +422,11 @@ class CARLoss(Regularizer):
         self.eps1 = float(eps1)
         self.variant = variant
         self.threshold_classes = threshold_classes
-        self.ignore_index = ignore_index
         self.ema_decay = None if ema_decay is None else float(ema_decay)
-        self.feature_dim = feature_dim
         self.ema_centres: Optional[torch.Tensor]
         if ema_decay is not None:
-            if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-                raise ValueError(f"`feature_dim` must be a positive int when `ema_decay` is set, got {feature_dim!r}")
+            if feature_dim is None:
+                raise ValueError("`feature_dim` (D) must be given when `ema_decay` is set")
             bound = math.sqrt(6.0 / (num_classes + feature_dim))
             init = torch.empty(num_classes, feature_dim).uniform_(-bound, bound)
             self.register_buffer("ema_centres", init)
@@ -474,13 +460,3 @@ class CARLoss(Regularizer):
             ema_update=self.training,
         )
         return self._record(out)
-
-    def compute(
-        self,
-        labels: torch.Tensor,
-        features: Optional[torch.Tensor] = None,
-        logits: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        if features is None:
-            raise ValueError("CARLoss needs `features`")
-        return self(features, labels)

@@ -61,15 +61,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import (
+    check_bool_mask,
+    check_choice,
+    check_flag,
     check_floating,
+    check_ignore_index,
+    check_int,
     check_labels,
+    check_real,
     check_same_device,
-    class_stats,
     compute_dtype,
     dump_labels,
+    ema_class_means,
     flatten_features,
     global_mean,
     no_autocast,
+    renamed,
 )
 from .base import LossOutput, Regularizer
 
@@ -83,32 +90,33 @@ ClassifierLike = Union[nn.Module, torch.Tensor, Callable[[], torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_common(
-    num_classes: int, background_index: int, distance: str = "squared_euclidean", margin: float = 1.0
+def _check_hparams(
+    num_classes: int,
+    background_index: int,
+    ignore_index: int,
+    *,
+    alpha: float = 0.0,
+    beta: float = 0.0,
+    margin: float = 1.0,
+    distance: str = "squared_euclidean",
+    normalize: bool = True,
 ) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"`num_classes` must be an int >= 2 (background + at least one class), got {num_classes!r}")
-    if not isinstance(background_index, int) or not 0 <= background_index < num_classes:
-        raise ValueError(f"`background_index` must be in 0..{num_classes - 1}, got {background_index!r}")
-    if distance not in DISTANCES:
-        raise ValueError(f"`distance` must be one of {DISTANCES}, got {distance!r}")
-    if not float(margin) >= 0:
-        raise ValueError(f"`margin` must be >= 0, got {margin!r}")
+    check_int("num_classes", num_classes, lo=2)
+    check_int("background_index", background_index, lo=0, hi=num_classes - 1)
+    check_ignore_index(ignore_index, num_classes)
+    check_real("alpha", alpha, lo=0.0)
+    check_real("beta", beta, lo=0.0)
+    check_real("margin", margin, lo=0.0)
+    check_choice("distance", distance, DISTANCES)
+    check_flag("normalize", normalize)
 
 
-def _check_centres(centres: torch.Tensor, feat_dim: int, name: str = "centres") -> None:
+def _check_centres(centres: torch.Tensor, feature_dim: int, name: str = "centres") -> None:
     check_floating(name, centres, (2,))
-    if centres.shape[1] != feat_dim:
-        raise ValueError(f"`{name}` must be (C, D) with D={feat_dim} (the features' channels), got {tuple(centres.shape)}")
-
-
-def _check_mask(mask: torch.Tensor, num_coi: int, name: str) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"`{name}` must be a bool tensor, got dtype {mask.dtype}")
-    if tuple(mask.shape) != (num_coi,):
-        raise ValueError(f"`{name}` must have shape (C,) = ({num_coi},), got {tuple(mask.shape)}")
+    if centres.shape[1] != feature_dim:
+        raise ValueError(
+            f"`{name}` must be (C, D) with D={feature_dim} (the features' channels), got {tuple(centres.shape)}"
+        )
 
 
 # ------------------------------------------------------------------------- internals
@@ -177,20 +185,6 @@ def _loss(
     return LossOutput(terms["compact"] + terms["background"], terms)
 
 
-@torch.no_grad()
-def _ema(
-    f: torch.Tensor, cl: torch.Tensor, centres: torch.Tensor, initialized: torch.Tensor, momentum: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    num_coi = centres.shape[0]
-    stats = class_stats(f.detach(), cl, num_coi)  # global, no grad (features detached)
-    present = stats.present
-    batch = stats.centres()
-    old = centres.to(batch.dtype)
-    blended = momentum * old + (1.0 - momentum) * batch
-    new = torch.where((present & initialized)[:, None], blended, torch.where(present[:, None], batch, old))
-    return new, initialized | present
-
-
 # ------------------------------------------------------------------------ functional
 def cplus1_loss(
     features: torch.Tensor,
@@ -254,10 +248,11 @@ def cplus1_loss(
     check_floating("features", features, (2, 4))
     _check_centres(centres, features.shape[1])
     num_classes = centres.shape[0] + 1
-    _check_common(num_classes, background_index, distance, margin)
+    _check_hparams(num_classes, background_index, ignore_index, alpha=alpha, beta=beta, margin=margin,
+                   distance=distance, normalize=normalize)
     if centre_mask is None:
         centre_mask = torch.ones(centres.shape[0], dtype=torch.bool, device=centres.device)
-    _check_mask(centre_mask, centres.shape[0], "centre_mask")
+    check_bool_mask("centre_mask", centre_mask, centres.shape[0])
     check_labels(labels, num_classes, ignore_index)
     with no_autocast(features):
         f, dl, cl = _prepare(features, labels, num_classes, background_index, ignore_index, normalize)
@@ -298,14 +293,13 @@ def update_moving_average_centres(
     check_floating("features", features, (2, 4))
     _check_centres(centres, features.shape[1])
     num_classes = centres.shape[0] + 1
-    _check_common(num_classes, background_index)
-    _check_mask(initialized, centres.shape[0], "initialized")
-    if not 0.0 <= float(momentum) < 1.0:
-        raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
+    _check_hparams(num_classes, background_index, ignore_index, normalize=normalize)
+    check_bool_mask("initialized", initialized, centres.shape[0])
+    check_real("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
     check_labels(labels, num_classes, ignore_index)
     with no_autocast(features):
         f, _, cl = _prepare(features.detach(), labels, num_classes, background_index, ignore_index, normalize)
-        return _ema(f, cl, centres, initialized, momentum)
+        return ema_class_means(f, cl, centres, initialized, momentum)
 
 
 # ---------------------------------------------------------------------------- module
@@ -314,7 +308,8 @@ class CPlus1Loss(Regularizer):
 
     Args:
         num_classes: ``K``, including the background.
-        feat_dim: ``D``, channels of the features.
+        feature_dim: ``D``, channels of the features (``feat_dim``, its old name, is
+            accepted for one version with a ``DeprecationWarning``).
         background_index: background class (0 as in Pascal VOC).
         alpha, beta: term weights (paper's best: 0.1 and 1e-4; alpha 0.01 for larger
             backbones).
@@ -343,11 +338,13 @@ class CPlus1Loss(Regularizer):
 
     uses_features = True
     uses_logits = False
+    num_classes_required = True
+    min_classes = 2
 
     def __init__(
         self,
         num_classes: int,
-        feat_dim: int,
+        feature_dim: Optional[int] = None,
         *,
         background_index: int = 0,
         alpha: float = 0.1,
@@ -359,17 +356,17 @@ class CPlus1Loss(Regularizer):
         normalize: bool = True,
         ignore_index: int = 255,
         classifier: Optional[ClassifierLike] = None,
+        feat_dim: Optional[int] = None,
     ) -> None:
-        super().__init__()
-        _check_common(num_classes, background_index, distance, margin)
-        if not isinstance(feat_dim, int) or isinstance(feat_dim, bool) or feat_dim < 1:
-            raise ValueError(f"`feat_dim` must be a positive int, got {feat_dim!r}")
-        if centres not in CENTRE_MODES:
-            raise ValueError(f"`centres` must be one of {CENTRE_MODES}, got {centres!r}")
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}")
-        self.num_classes = num_classes
-        self.feat_dim = feat_dim
+        feature_dim = renamed("CPlus1Loss", "feat_dim", feat_dim, "feature_dim", feature_dim)
+        if feature_dim is None:
+            raise TypeError("CPlus1Loss needs `feature_dim` (D, the channels of the features)")
+        super().__init__(num_classes, ignore_index=ignore_index, feature_dim=feature_dim)
+        _check_hparams(num_classes, background_index, ignore_index, alpha=alpha, beta=beta, margin=margin,
+                       distance=distance, normalize=normalize)
+        check_choice("centres", centres, CENTRE_MODES)
+        check_real("momentum", momentum, lo=0.0, hi=1.0, hi_open=True)
+        feat_dim = self.feature_dim
         self.background_index = background_index
         self.alpha = float(alpha)
         self.beta = float(beta)
@@ -378,7 +375,6 @@ class CPlus1Loss(Regularizer):
         self.centre_mode = centres
         self.momentum = float(momentum)
         self.normalize = bool(normalize)
-        self.ignore_index = int(ignore_index)
         num_coi = num_classes - 1
         if centres == "moving_average":
             self.register_buffer("centres", torch.zeros(num_coi, feat_dim))
@@ -416,9 +412,9 @@ class CPlus1Loss(Regularizer):
             raise TypeError(f"`classifier` must give a tensor weight, got {type(w).__name__}")
         if w.dim() == 4 and tuple(w.shape[2:]) == (1, 1):
             w = w.flatten(1)
-        if tuple(w.shape) != (self.num_classes, self.feat_dim):
+        if tuple(w.shape) != (self.num_classes, self.feature_dim):
             raise ValueError(
-                f"`classifier` weight must be (K, D) = ({self.num_classes}, {self.feat_dim}) "
+                f"`classifier` weight must be (K, D) = ({self.num_classes}, {self.feature_dim}) "
                 f"(or (K, D, 1, 1)), got {tuple(w.shape)}"
             )
         return w
@@ -442,9 +438,9 @@ class CPlus1Loss(Regularizer):
         # device first: the value checks below cannot run across devices
         check_same_device(features=features, labels=labels, centres=self.centres if ema else centres)
         check_floating("features", features, (2, 4))
-        if features.shape[1] != self.feat_dim:
+        if features.shape[1] != self.feature_dim:
             raise ValueError(
-                f"`features` must have D={self.feat_dim} channels (dim 1), got shape {tuple(features.shape)}"
+                f"`features` must have D={self.feature_dim} channels (dim 1), got shape {tuple(features.shape)}"
             )
         check_labels(labels, self.num_classes, self.ignore_index)
         with no_autocast(features):
@@ -453,7 +449,7 @@ class CPlus1Loss(Regularizer):
             )
             if ema:
                 if self.training:
-                    new, init = _ema(f.detach(), cl, self.centres, self.initialized, self.momentum)
+                    new, init = ema_class_means(f, cl, self.centres, self.initialized, self.momentum)
                     with torch.no_grad():
                         self.centres.copy_(new)
                         self.initialized.copy_(init)
@@ -465,19 +461,9 @@ class CPlus1Loss(Regularizer):
             )
         return self._record(out)
 
-    def compute(
-        self,
-        labels: torch.Tensor,
-        features: Optional[torch.Tensor] = None,
-        logits: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        if features is None:
-            raise ValueError("CPlus1Loss needs `features` (uses_features=True)")
-        return self(features, labels)
-
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, background_index={self.background_index}, "
+            f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, background_index={self.background_index}, "
             f"alpha={self.alpha}, beta={self.beta}, margin={self.margin}, distance={self.distance!r}, "
             f"centres={self.centre_mode!r}, momentum={self.momentum}, normalize={self.normalize}, "
             f"ignore_index={self.ignore_index}"

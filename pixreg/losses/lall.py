@@ -41,7 +41,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import check_floating, check_labels, check_same_device, compute_dtype, global_mean, no_autocast
+from ._common import (
+    check_choice,
+    check_floating,
+    check_ignore_index,
+    check_int,
+    check_labels,
+    check_real,
+    check_same_device,
+    compute_dtype,
+    global_mean,
+    no_autocast,
+    renamed,
+)
 from .base import LossOutput, Regularizer
 
 __all__ = ["locally_adaptive_loss", "LocallyAdaptiveLoss"]
@@ -59,24 +71,18 @@ def _check_hparams(
     stride: int,
     xi: str,
     eps: float,
-    num_classes: Optional[int],
+    loss_weight: float,
 ) -> None:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise ValueError(f"`window` must be a positive odd integer, got {window!r}")
-    if distance_weights not in _DISTANCE_WEIGHTS:
-        raise ValueError(f"`distance_weights` must be one of {_DISTANCE_WEIGHTS}, got {distance_weights!r}")
-    if normalize not in _NORMALIZE:
-        raise ValueError(f"`normalize` must be one of {_NORMALIZE}, got {normalize!r}")
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power < 1:
-        raise ValueError(f"`power` (Minkowski exponent k) must be a finite number >= 1, got {power!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"`stride` must be a positive integer, got {stride!r}")
-    if xi not in _XI:
-        raise ValueError(f"`xi` must be one of {_XI}, got {xi!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"`eps` must be a positive finite number, got {eps!r}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"`num_classes` must be a positive integer or None, got {num_classes!r}")
+    check_int("window", window, lo=1)
+    if window % 2 == 0:
+        raise ValueError(f"`window` must be a positive odd int, got {window!r}")
+    check_choice("distance_weights", distance_weights, _DISTANCE_WEIGHTS)
+    check_choice("normalize", normalize, _NORMALIZE)
+    check_real("power", power, lo=1.0)  # the Minkowski exponent k
+    check_int("stride", stride, lo=1)
+    check_choice("xi", xi, _XI)
+    check_real("eps", eps, lo=0.0, lo_open=True)
+    check_real("loss_weight", loss_weight, lo=0.0)
 
 
 def _offset_slices(size: int, d: int, stride: int) -> Optional[tuple[slice, slice]]:
@@ -278,9 +284,10 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
 class _PooledNumerator(torch.autograd.Function):
     """``sum_p L_p^power`` over the valid centres of the local batch, with a hand-written backward.
 
-    Works one image at a time: the z-scored logits, the pooled vectors and their gradients
-    exist for one image only (``O(K*H*W)`` scratch, not ``O(B*K*H*W)``), and there is no
-    autograd graph over the ``s*s`` shifted views. Nothing but the inputs is saved for
+    Works a group of images at a time (one on CPU, see :func:`_group_size`): the z-scored
+    logits, the pooled vectors and their gradients exist for one group only (three
+    group-sized scratch buffers), and there is no autograd graph over the ``s*s`` shifted
+    views. Nothing but the inputs is saved for
     backward (the logits are alive in the caller's graph anyway), so the loss adds no
     ``(B, K, H, W)`` tensor to a training step's peak memory; backward recomputes each
     image's pool (one more pass of ``s*s`` multiply-adds) before back-propagating it.
@@ -313,7 +320,8 @@ def locally_adaptive_loss(
     ignore_index: int = 255,
     eps: float = 1e-5,
     num_classes: Optional[int] = None,
-    weight: float = 1.0,
+    loss_weight: float = 1.0,
+    weight: Optional[float] = None,
 ) -> LossOutput:
     """Locally adaptive learning loss (LALL), Minkowski-pooled over the batch.
 
@@ -321,7 +329,7 @@ def locally_adaptive_loss(
     the pixels ``q`` of the ``window x window`` neighbourhood with ``y_q == y_p``
     (``w = 2^(1 - d8(p, q))``: 2 at the centre, 1 at chessboard distance 1, 1/2 at 2,
     ...); ``L_p = CE(v_p, y_p)`` (softmax cross-entropy, nats); the loss is
-    ``weight * (mean_p L_p^power)^(1/power)``.
+    ``loss_weight * (mean_p L_p^power)^(1/power)``.
 
     Args:
         logits: ``(B, K, h, w)`` floating logits. If ``(h, w)`` differs from the label
@@ -351,7 +359,8 @@ def locally_adaptive_loss(
             ``std >= eps``; a pixel with all-equal logits normalises to the zero
             vector, with a finite (zero) gradient through its std.
         num_classes: optional check: must equal ``K`` of ``logits``.
-        weight: multiplier of the returned loss (term ``"lall"``).
+        loss_weight: multiplier of the returned loss (term ``"lall"``); ``weight``, its old
+            name, is accepted for one version with a ``DeprecationWarning``.
 
     Returns:
         ``LossOutput(loss, {"lall": loss})``, a float32 scalar (float64 for float64
@@ -374,7 +383,10 @@ def locally_adaptive_loss(
         >>> bool(torch.isfinite(logits.grad).all()), sorted(out.terms)
         (True, ['lall'])
     """
-    _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes)
+    loss_weight = renamed("locally_adaptive_loss", "weight", weight, "loss_weight", loss_weight, 1.0)
+    _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, loss_weight)
+    if num_classes is not None:
+        check_int("num_classes", num_classes, lo=1)
     check_same_device(logits=logits, labels=labels)
     check_floating("logits", logits, (4,))
     if not isinstance(labels, torch.Tensor):
@@ -387,6 +399,7 @@ def locally_adaptive_loss(
     k_classes = logits.shape[1]
     if num_classes is not None and num_classes != k_classes:
         raise ValueError(f"`num_classes`={num_classes} does not match the K={k_classes} channels of `logits`")
+    check_ignore_index(ignore_index, k_classes)
     check_labels(labels, k_classes, ignore_index)
 
     dtype = compute_dtype(logits)
@@ -409,7 +422,7 @@ def locally_adaptive_loss(
         else:
             tiny = torch.finfo(dtype).tiny
             loss = torch.where(mean > tiny, mean.clamp_min(tiny).pow(1.0 / power), torch.zeros_like(mean))
-        loss = loss * weight
+        loss = loss * loss_weight
     return LossOutput(loss, {"lall": loss})
 
 
@@ -417,7 +430,9 @@ class LocallyAdaptiveLoss(Regularizer):
     """Module form of :func:`locally_adaptive_loss` (no state; hyper-parameters only).
 
     ``forward(logits, labels)`` returns the weighted scalar loss; ``terms`` holds
-    ``{"lall": ...}`` of the last call.
+    ``{"lall": ...}`` of the last call. Every argument is keyword-only; ``num_classes``
+    is optional (``K`` is then read from the logits); ``weight``, the old name of
+    ``loss_weight``, is accepted for one version with a ``DeprecationWarning``.
 
     Example:
         >>> import torch
@@ -433,6 +448,7 @@ class LocallyAdaptiveLoss(Regularizer):
 
     def __init__(
         self,
+        *,
         window: int = 5,
         distance_weights: str = "exponential",
         normalize: Optional[str] = "zscore",
@@ -442,26 +458,26 @@ class LocallyAdaptiveLoss(Regularizer):
         ignore_index: int = 255,
         eps: float = 1e-5,
         num_classes: Optional[int] = None,
-        weight: float = 1.0,
+        loss_weight: float = 1.0,
+        weight: Optional[float] = None,
     ) -> None:
-        super().__init__()
-        _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, num_classes)
+        loss_weight = renamed("LocallyAdaptiveLoss", "weight", weight, "loss_weight", loss_weight, 1.0)
+        super().__init__(num_classes, ignore_index=ignore_index)
+        _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, loss_weight)
         self.window = window
         self.distance_weights = distance_weights
         self.normalize = normalize
         self.power = power
         self.stride = stride
         self.xi = xi
-        self.ignore_index = ignore_index
         self.eps = eps
-        self.num_classes = num_classes
-        self.weight = weight
+        self.loss_weight = float(loss_weight)
 
     def extra_repr(self) -> str:
         return (
             f"window={self.window}, distance_weights={self.distance_weights!r}, normalize={self.normalize!r}, "
             f"power={self.power}, stride={self.stride}, xi={self.xi!r}, ignore_index={self.ignore_index}, "
-            f"weight={self.weight}"
+            f"loss_weight={self.loss_weight}"
         )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -477,16 +493,6 @@ class LocallyAdaptiveLoss(Regularizer):
             ignore_index=self.ignore_index,
             eps=self.eps,
             num_classes=self.num_classes,
-            weight=self.weight,
+            loss_weight=self.loss_weight,
         )
         return self._record(out)
-
-    def compute(
-        self,
-        labels: torch.Tensor,
-        features: Optional[torch.Tensor] = None,
-        logits: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        if logits is None:
-            raise ValueError("LocallyAdaptiveLoss needs `logits` (B, K, H, W); got logits=None")
-        return self.forward(logits, labels)

@@ -30,26 +30,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import GlobalBatchNorm2d, all_reduce_sum_no_grad
+from ..distributed import GlobalBatchNorm2d
 from ._common import (
     bin_counts,
+    check_bool_mask,
+    check_choice,
+    check_flag,
     check_floating,
+    check_ignore_index,
+    check_int,
     check_labels,
+    check_real,
     check_same_device,
     class_stats,
     compute_dtype,
     dump_labels,
+    ema_class_means,
     flatten_features,
     global_mean,
     no_autocast,
+    renamed,
     resize_bilinear,
     to_parameter_dtype,
 )
 from .base import LossOutput, Regularizer
 
-__all__ = ["rch_loss", "rch_update_prototypes", "RCHLoss", "TERM_NAMES"]
+__all__ = ["rch_loss", "rch_update_prototypes", "RCHLoss"]
 
-TERM_NAMES = ("fn", "fp")
 _SETS = ("batch", "image")
 _CALIBRATIONS = ("mean_of_cosines", "cosine_to_mean")
 _UPDATES = ("before", "after")
@@ -60,38 +67,15 @@ _NORM_EPS = 1e-12  # cosine: u / max(|u|, eps), as F.normalize
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_real(name: str, v: float, *, positive: bool = False, lo: Optional[float] = None,
-                hi: Optional[float] = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValueError(f"`{name}` must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"`{name}` must be > 0, got {v}")
-    if lo is not None and v < lo:
-        raise ValueError(f"`{name}` must be >= {lo}, got {v}")
-    if hi is not None and v >= hi:
-        raise ValueError(f"`{name}` must be < {hi}, got {v}")
-
-
-def _check_choice(name: str, v: str, choices: Tuple[str, ...]) -> None:
-    if v not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got {v!r}")
-
-
-def _check_int(name: str, v: int, lo: Optional[int] = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"`{name}` must be an int, got {type(v).__name__}")
-    if lo is not None and v < lo:
-        raise ValueError(f"`{name}` must be >= {lo}, got {v}")
-
-
-def _check_loss_args(tau: float, weight: float, hard_weight: float, sets: str, calibration: str) -> None:
-    _check_real("tau", tau, positive=True)
-    _check_real("weight", weight, lo=0.0)
-    _check_real("hard_weight", hard_weight, lo=0.0)
-    _check_choice("sets", sets, _SETS)
-    _check_choice("calibration", calibration, _CALIBRATIONS)
+def _check_loss_args(tau: float, loss_weight: float, hard_weight: float, use_fn: bool, use_fp: bool, sets: str,
+                     calibration: str) -> None:
+    check_real("tau", tau, lo=0.0, lo_open=True)
+    check_real("loss_weight", loss_weight, lo=0.0)
+    check_real("hard_weight", hard_weight, lo=0.0)
+    check_flag("use_fn", use_fn)
+    check_flag("use_fp", use_fp)
+    check_choice("sets", sets, _SETS)
+    check_choice("calibration", calibration, _CALIBRATIONS)
 
 
 def _check_prototypes(prototypes: torch.Tensor, mask: Optional[torch.Tensor], mask_name: str) -> None:
@@ -99,14 +83,8 @@ def _check_prototypes(prototypes: torch.Tensor, mask: Optional[torch.Tensor], ma
     k = prototypes.shape[0]
     if k < 1:
         raise ValueError(f"`prototypes` must have at least one row (class), got shape {tuple(prototypes.shape)}")
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"`{mask_name}` must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"`{mask_name}` must be a bool tensor, got dtype {mask.dtype}")
-    if tuple(mask.shape) != (k,):
-        raise ValueError(f"`{mask_name}` must have shape ({k},) to match `prototypes`, got {tuple(mask.shape)}")
+    if mask is not None:
+        check_bool_mask(mask_name, mask, k)
 
 
 # ----------------------------------------------------------------------- preparation
@@ -130,6 +108,7 @@ def _prepare(embeddings: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
     check_same_device(embeddings=embeddings, logits=logits, labels=labels)
     check_floating("embeddings", embeddings, (2, 4))
     check_floating("logits", logits, (2, 4))
+    check_ignore_index(ignore_index, num_classes)
     check_labels(labels, num_classes, ignore_index)
     if logits.dim() != embeddings.dim():
         want = "(B, K, H, W)" if embeddings.dim() == 4 else "(N, K)"
@@ -223,7 +202,7 @@ def _calibration(emb: torch.Tensor, emb_hat: torch.Tensor, members: torch.Tensor
 
 
 def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tensor, *, tau: float,
-          weight: float, hard_weight: float, use_fn: bool, use_fp: bool, sets: str,
+          loss_weight: float, hard_weight: float, use_fn: bool, use_fp: bool, sets: str,
           calibration: str) -> LossOutput:
     if sets == "image" and prep.image is None:
         raise ValueError("`sets='image'` needs (B, E, h, w) embeddings; flat (N, E) inputs have no images")
@@ -253,7 +232,7 @@ def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tens
             zc = z if calib is None else z - onehot * (base * calib)[:, None]
             per_pixel = torch.logsumexp(zc, dim=1) - zc.gather(1, gt[:, None])[:, 0]
             per_pixel = torch.where(anchor, per_pixel, torch.zeros_like(per_pixel))
-            return weight * global_mean(per_pixel.sum(), anchor.sum())
+            return loss_weight * global_mean(per_pixel.sum(), anchor.sum())
 
         phi = psi = None
         if use_fn or use_fp:
@@ -269,21 +248,11 @@ def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tens
 
 def _update(prep: _Prepared, prototypes: torch.Tensor, initialized: torch.Tensor, rho: float,
             source: str = "tp") -> Tuple[torch.Tensor, torch.Tensor]:
-    k = prep.num_classes
-    with torch.no_grad(), no_autocast(prep.emb):
-        e = prep.emb.detach()
+    with no_autocast(prep.emb):
         # "tp": true positives (the paper); "gt": every non-ignored pixel of the class (ablation)
         idx = _set_indices(prep)[0] if source == "tp" else prep.dlabels
-        sums = e.new_zeros(k + 1, e.shape[1]).index_add(0, idx, e)[:k]
-        counts = bin_counts(idx, k + 1)[:k].to(e.dtype)
-        sums = all_reduce_sum_no_grad(sums)
-        counts = all_reduce_sum_no_grad(counts)
-        mean = sums / counts.clamp(min=1)[:, None]
-        old = prototypes.detach().to(e.dtype)
-        seen = counts > 0
-        ema = torch.where(initialized[:, None], rho * old + (1.0 - rho) * mean, mean)
-        new = torch.where(seen[:, None], ema, old).to(prototypes.dtype)
-        return new, initialized | seen
+        new, init = ema_class_means(prep.emb, idx, prototypes, initialized, rho)
+        return new.to(prototypes.dtype), init
 
 
 # ------------------------------------------------------------------------ functional
@@ -297,13 +266,14 @@ def rch_loss(
     prototype_valid: Optional[torch.Tensor] = None,
     *,
     tau: float = 0.5,
-    weight: float = 0.1,
+    loss_weight: float = 0.1,
     hard_weight: float = 1.0,
     use_fn: bool = True,
     use_fp: bool = True,
     sets: str = "batch",
     calibration: str = "mean_of_cosines",
     ignore_index: int = 255,
+    weight: Optional[float] = None,
 ) -> LossOutput:
     r"""RCH metric loss for given prototypes (METHODS.md section 4).
 
@@ -323,7 +293,7 @@ def rch_loss(
         psi_i = 1 + m^FP_i  if FP_k non-empty else 0     (FP penalty, in [0, 2])
         L^c_i = -log  exp(cos_ik/tau - h (1 - p_ik) c_i)
                       / [exp(cos_ik/tau - h (1 - p_ik) c_i) + sum_{l != k, valid} exp(cos_il/tau)]
-        fn = weight * mean_{anchors} L^{phi}_i,   fp = weight * mean_{anchors} L^{psi}_i
+        fn = loss_weight * mean_{anchors} L^{phi}_i,   fp = loss_weight * mean_{anchors} L^{psi}_i
         loss = fn + fp
 
     (``h`` = ``hard_weight``.) An anchor that is itself in ``FN_k`` counts in its own
@@ -335,11 +305,11 @@ def rch_loss(
     ===============  ==============================================================
     use_fn, use_fp   loss
     ===============  ==============================================================
-    True,  True      weight * CE(phi) + weight * CE(psi)   (the paper)
-    True,  False     weight * CE(phi) + weight * CE(0)
-    False, True      weight * CE(0)   + weight * CE(psi)
-    False, False     2 * weight * CE(0): a plain cosine-softmax CE to the prototypes
-                     (use ``weight = lambda / 2`` for a single lambda-weighted CE)
+    True,  True      w * CE(phi) + w * CE(psi)   (the paper; w = loss_weight)
+    True,  False     w * CE(phi) + w * CE(0)
+    False, True      w * CE(0)   + w * CE(psi)
+    False, False     2 * w * CE(0): a plain cosine-softmax CE to the prototypes
+                     (use ``loss_weight = lambda / 2`` for a single lambda-weighted CE)
     ===============  ==============================================================
 
     Gradients (what is detached):
@@ -369,7 +339,8 @@ def rch_loss(
         prototypes: ``(K, E)`` class prototypes (detached).
         prototype_valid: ``(K,)`` bool, which prototypes exist; default all.
         tau: temperature of the cosine logits (paper: 0.5).
-        weight: weight of each of the two CE terms (paper: lambda = 0.1).
+        loss_weight: weight of each of the two CE terms (paper: lambda = 0.1); ``weight``,
+            its old name, is accepted for one version with a ``DeprecationWarning``.
         hard_weight: coefficient ``h`` of ``(1 - p_ik)`` (1 = the paper's equation: the
             true-class logit is lowered by ``(1 - p) phi``). The released configs set their
             coefficient to ``tau``; METHODS.md does not say whether it multiplies before or
@@ -394,7 +365,8 @@ def rch_loss(
         (['fn', 'fp'], torch.Size([]))
         >>> out.loss.backward()
     """
-    _check_loss_args(tau, weight, hard_weight, sets, calibration)
+    loss_weight = renamed("rch_loss", "weight", weight, "loss_weight", loss_weight, 0.1)
+    _check_loss_args(tau, loss_weight, hard_weight, use_fn, use_fp, sets, calibration)
     check_same_device(embeddings=embeddings, logits=logits, labels=labels, prototypes=prototypes,
                       prototype_valid=prototype_valid)
     _check_prototypes(prototypes, prototype_valid, "prototype_valid")
@@ -402,7 +374,7 @@ def rch_loss(
     prep = _prepare(embeddings, logits, labels, num_classes, ignore_index)
     if prototype_valid is None:
         prototype_valid = torch.ones(num_classes, dtype=torch.bool, device=prototypes.device)
-    return _loss(prep, prototypes, prototype_valid, tau=tau, weight=weight, hard_weight=hard_weight,
+    return _loss(prep, prototypes, prototype_valid, tau=tau, loss_weight=loss_weight, hard_weight=hard_weight,
                  use_fn=use_fn, use_fp=use_fp, sets=sets, calibration=calibration)
 
 
@@ -440,8 +412,8 @@ def rch_update_prototypes(
         (tensor([[0.1000, 0.0000],
                 [0.0000, 3.0000]]), tensor([True, True]))
     """
-    _check_real("rho", rho, lo=0.0, hi=1.0)
-    _check_choice("source", source, _SOURCES)
+    check_real("rho", rho, lo=0.0, hi=1.0, hi_open=True)
+    check_choice("source", source, _SOURCES)
     check_same_device(embeddings=embeddings, logits=logits, labels=labels, prototypes=prototypes,
                       initialized=initialized)
     _check_prototypes(prototypes, initialized, "initialized")
@@ -460,8 +432,8 @@ def rch_update_prototypes(
 class RCHLoss(Regularizer):
     r"""Representation calibration head: embedding head + prototypes + metric loss.
 
-    ``forward(features, logits, labels)`` embeds ``features`` (``(B, C, h, w)`` or
-    ``(N, C)``) with the module's own training-only head ``Conv2d(in_channels,
+    ``forward(features, logits, labels)`` embeds ``features`` (``(B, D, h, w)`` or
+    ``(N, D)``) with the module's own training-only head ``Conv2d(feature_dim,
     embed_dim, 1)`` (+ ``BatchNorm2d`` if ``head_norm``, bias-free conv then, as
     mmseg's ``ConvModule``; no activation), so the segmentation model itself is
     unchanged at inference. **Add this module's parameters to the optimizer**, and
@@ -483,7 +455,11 @@ class RCHLoss(Regularizer):
     a class is first seen; the released code starts from random values) and
     ``initialized (K,)`` bool. The loss is :func:`rch_loss` (terms ``fn``, ``fp``).
 
-    Defaults: ``tau=0.5``, ``rho=0.9``, ``weight=0.1`` (paper); ``embed_dim=96`` is the
+    ``feature_dim`` was called ``in_channels`` and ``loss_weight`` ``weight``; the old
+    names are accepted for one version with a ``DeprecationWarning``. Hyper-parameters
+    after ``feature_dim`` are keyword-only.
+
+    Defaults: ``tau=0.5``, ``rho=0.9``, ``loss_weight=0.1`` (paper); ``embed_dim=96`` is the
     released code's value (the paper does not give it); ``hard_weight=1`` (paper
     equation; see :func:`rch_loss`); ``head_norm=False`` (paper: a 1x1 conv; the released
     code adds BN); ``sets="batch"`` (the paper says "of the input image": per image is
@@ -496,16 +472,17 @@ class RCHLoss(Regularizer):
 
     uses_features = True
     uses_logits = True
+    num_classes_required = True
 
     def __init__(
         self,
         num_classes: int,
-        in_channels: int,
-        embed_dim: int = 96,
+        feature_dim: Optional[int] = None,
         *,
+        embed_dim: int = 96,
         tau: float = 0.5,
         rho: float = 0.9,
-        weight: float = 0.1,
+        loss_weight: float = 0.1,
         hard_weight: float = 1.0,
         use_fn: bool = True,
         use_fp: bool = True,
@@ -515,22 +492,24 @@ class RCHLoss(Regularizer):
         prototype_source: str = "tp",
         head_norm: bool = False,
         ignore_index: int = 255,
+        in_channels: Optional[int] = None,
+        weight: Optional[float] = None,
     ) -> None:
-        super().__init__()
-        _check_int("num_classes", num_classes, 1)
-        _check_int("in_channels", in_channels, 1)
-        _check_int("embed_dim", embed_dim, 1)
-        _check_int("ignore_index", ignore_index)
-        _check_loss_args(tau, weight, hard_weight, sets, calibration)
-        _check_real("rho", rho, lo=0.0, hi=1.0)
-        _check_choice("prototype_update", prototype_update, _UPDATES)
-        _check_choice("prototype_source", prototype_source, _SOURCES)
-        self.num_classes = num_classes
-        self.in_channels = in_channels
+        feature_dim = renamed("RCHLoss", "in_channels", in_channels, "feature_dim", feature_dim)
+        loss_weight = renamed("RCHLoss", "weight", weight, "loss_weight", loss_weight, 0.1)
+        if feature_dim is None:
+            raise TypeError("RCHLoss needs `feature_dim` (D, the channels of the features)")
+        super().__init__(num_classes, ignore_index=ignore_index, feature_dim=feature_dim)
+        check_int("embed_dim", embed_dim, lo=1)
+        _check_loss_args(tau, loss_weight, hard_weight, use_fn, use_fp, sets, calibration)
+        check_real("rho", rho, lo=0.0, hi=1.0, hi_open=True)
+        check_choice("prototype_update", prototype_update, _UPDATES)
+        check_choice("prototype_source", prototype_source, _SOURCES)
+        check_flag("head_norm", head_norm)
         self.embed_dim = embed_dim
         self.tau = float(tau)
         self.rho = float(rho)
-        self.weight = float(weight)
+        self.loss_weight = float(loss_weight)
         self.hard_weight = float(hard_weight)
         self.use_fn = bool(use_fn)
         self.use_fp = bool(use_fp)
@@ -538,19 +517,18 @@ class RCHLoss(Regularizer):
         self.calibration = calibration
         self.prototype_update = prototype_update
         self.prototype_source = prototype_source
-        self.ignore_index = ignore_index
-        self.head = nn.Conv2d(in_channels, embed_dim, 1, bias=not head_norm)
+        self.head = nn.Conv2d(feature_dim, embed_dim, 1, bias=not head_norm)
         # BatchNorm over the global batch under torch.distributed (plain BatchNorm2d otherwise)
         self.norm: nn.Module = GlobalBatchNorm2d(embed_dim) if head_norm else nn.Identity()
         self.register_buffer("prototypes", torch.zeros(num_classes, embed_dim))
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The head: ``(B, C, h, w) -> (B, E, h, w)`` or ``(N, C) -> (N, E)``."""
+        """The head: ``(B, D, h, w) -> (B, E, h, w)`` or ``(N, D) -> (N, E)``."""
         check_floating("features", features, (2, 4))
-        if features.shape[1] != self.in_channels:
+        if features.shape[1] != self.feature_dim:
             raise ValueError(
-                f"`features` must have in_channels={self.in_channels} channels (dim 1), "
+                f"`features` must have feature_dim={self.feature_dim} channels (dim 1), "
                 f"got shape {tuple(features.shape)}"
             )
         features = to_parameter_dtype(features, self.head)
@@ -574,27 +552,17 @@ class RCHLoss(Regularizer):
         update = self.training
         if update and self.prototype_update == "after":
             self._apply_update(prep)
-        out = _loss(prep, self.prototypes, self.initialized, tau=self.tau, weight=self.weight,
+        out = _loss(prep, self.prototypes, self.initialized, tau=self.tau, loss_weight=self.loss_weight,
                     hard_weight=self.hard_weight, use_fn=self.use_fn, use_fp=self.use_fp,
                     sets=self.sets, calibration=self.calibration)
         if update and self.prototype_update == "before":
             self._apply_update(prep)
         return self._record(out)
 
-    def compute(
-        self,
-        labels: torch.Tensor,
-        features: Optional[torch.Tensor] = None,
-        logits: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        if features is None or logits is None:
-            raise ValueError("RCHLoss needs both `features` and `logits`")
-        return self(features, logits, labels)
-
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, in_channels={self.in_channels}, embed_dim={self.embed_dim}, "
-            f"tau={self.tau}, rho={self.rho}, weight={self.weight}, hard_weight={self.hard_weight}, "
+            f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, embed_dim={self.embed_dim}, "
+            f"tau={self.tau}, rho={self.rho}, loss_weight={self.loss_weight}, hard_weight={self.hard_weight}, "
             f"use_fn={self.use_fn}, use_fp={self.use_fp}, sets={self.sets!r}, "
             f"calibration={self.calibration!r}, prototype_update={self.prototype_update!r}, prototype_source={self.prototype_source!r}, "
             f"ignore_index={self.ignore_index}"

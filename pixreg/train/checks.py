@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Mapping
 
 import torch
 
-__all__ = ["check_output_folder", "check_run_folder", "check_datasets", "preflight", "scan_data"]
+__all__ = ["check_output_folder", "check_run_folder", "check_datasets", "check_settings", "preflight", "scan_data"]
 
 
 def check_output_folder(path: str, what: str = "--out") -> None:
@@ -81,16 +81,22 @@ def check_datasets(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def check_settings(cfg: Mapping[str, Any]) -> None:
+    """The checks of :func:`preflight` that do not depend on the run folder: the datasets
+    (:func:`check_datasets`) and the method, built once on the CPU so that every constructor
+    check runs (its errors name ``methods.<name>``)."""
+    train_ds = check_datasets(cfg)["__train__"]
+    from .trainer import build_run
+
+    build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
+              getattr(train_ds, "background_index", None), torch.device("cpu"))
+
+
 def preflight(cfg: Mapping[str, Any], run_dir: str) -> None:
     """Everything that can be checked before training writes a file (see the module
     docstring). Raises ``ValueError`` naming the key, argument or file."""
     check_run_folder(run_dir)
-    datasets = check_datasets(cfg)
-    train_ds = datasets["__train__"]
-    from .trainer import build_run  # the method's options are checked by building it (small, on CPU)
-
-    build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
-              getattr(train_ds, "background_index", None), torch.device("cpu"))
+    check_settings(cfg)
 
 
 _SCANNED: set = set()
@@ -115,5 +121,9 @@ def scan_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> Non
     datasets = check_datasets(cfg)
     splits = {d["train_split"]: datasets.pop("__train__")}
     splits.update({s: ds for s, ds in datasets.items() if s not in splits})
-    scan(splits, log=log)
+    reports = scan(splits, log=log)
+    labelled = reports[d["train_split"]].class_pixels
+    if labelled is not None and int(labelled.sum()) == 0:
+        log(f"warning: every label pixel of the training split {d['train_split']!r} is ignore_index "
+            "(an all-void dataset): the model will learn nothing")
     _SCANNED.add(key)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 
 from . import dist as dist_utils
+from .checks import check_output_folder, check_settings
 from .config import resolve_config
 from .features import prepare_feature_caches
 from .methods import method_slug
@@ -71,6 +72,9 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
         raise ValueError(f"--jobs {jobs} exceeds the thread budget --threads {budget} (one thread per run at least)")
     run_threads = threads if jobs == 1 else budget // jobs
     base_cfg = resolve_config(config_path, overrides, device=device, threads=threads)
+    check_output_folder(out_dir)
+    for slug in slugs:  # every method's settings, datasets and options, before the first run trains
+        check_settings(resolve_config(config_path, overrides, method=slug, seed=int(seeds[0]), device=device, threads=threads))
     ctx = dist_utils.setup(base_cfg["device"])
     if jobs > 1 and ctx.distributed:
         raise ValueError("--jobs > 1 cannot be combined with torchrun (each run is already distributed)")

@@ -4,7 +4,7 @@ A configuration is a plain nested ``dict``. :data:`DEFAULTS` lists every key the
 trainer reads; a YAML file overrides some of them: a path, or the name of a configuration
 shipped inside the package (:func:`builtin_configs`: ``scenes``, ``camvid``, ``camvid_frozen``; ``--config camvid``
 works from an installed wheel, see :func:`find_config`), and ``--set`` overrides (values parsed as YAML: ``--set train.lr=0.01``,
-``--set data.size=[64,64]``, ``--set methods.car.weight=0.5``) come last.
+``--set data.size=[64,64]``, ``--set methods.car.loss_weight=0.5``) come last.
 
 Unknown keys are errors (typos would otherwise be silently ignored), except below the
 free-form sections listed in :data:`FREE_FORM` (model/data options and per-method
@@ -93,15 +93,17 @@ DEFAULTS: Dict[str, Any] = {
     },
     "ce_weight": 1.0,
     "class_weight": None,  # optional CE class weights: a list of K numbers >= 0 (e.g. median-frequency on CamVid)
-    # Per-method options. Reserved keys: weight (multiplies the regularizer), warmup
-    # (steps during which it is off), layer (feature layer; default: the model's
-    # feature_layer), projection (null | "conv1x1": a training-only 1x1 conv on the
-    # features, e.g. CAR's advice). Every other key goes to the loss constructor.
+    # Per-method options (pixreg.train.methods.RESERVED): loss_weight (the one multiplier of
+    # the regularizer: RCH's 0.1 is the paper's lambda), warmup (steps during which it is
+    # off), layer (feature layer; default: the model's feature_layer), projection (null |
+    # "conv1x1" | "conv3x3": a training-only conv on the features, e.g. CAR's advice) and
+    # projection_dim (its outputs). Every other key goes to the loss constructor. The old key
+    # `weight` is multiplied into loss_weight, with a DeprecationWarning.
     "methods": {
-        "cplus1": {"weight": 1.0, "warmup": 0},
-        "car": {"weight": 1.0, "warmup": 0},
-        "lall": {"weight": 1.0, "warmup": 0},
-        "rch": {"weight": 1.0, "warmup": 0},
+        "cplus1": {"loss_weight": 1.0, "warmup": 0},
+        "car": {"loss_weight": 1.0, "warmup": 0},
+        "lall": {"loss_weight": 1.0, "warmup": 0},
+        "rch": {"loss_weight": 0.1, "warmup": 0},
     },
 }
 
@@ -118,6 +120,7 @@ RESUME_MUTABLE = (
     "data.features.cache_dir",
     "data.features.batch_size",
     "data.num_workers",
+    "data.check",
     "train.log_every",
     "train.ckpt_every",
     "train.step_delay_s",
@@ -129,7 +132,7 @@ def _yaml():
     try:
         import yaml
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("configuration files need PyYAML: pip install 'pixreg[train]'") from err
+        raise ImportError("configuration files need PyYAML: install pixreg's 'train' extra (pip install -e '.[train]' in a checkout) or pip install pyyaml") from err
     return yaml
 
 
@@ -289,7 +292,23 @@ def resolve_config(path: Optional[str | os.PathLike], overrides: Sequence[str] =
         if value is not None:
             cfg = merge(cfg, {key: value})
     validate(cfg)
-    return cfg
+    return resolve_methods(cfg)
+
+
+def resolve_methods(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of ``cfg`` whose ``methods.<name>`` each show one effective ``loss_weight``
+    (see :func:`pixreg.train.methods.resolve_method_options`: the deprecated ``weight`` key
+    is folded in). Also applied to a saved run's configuration before it is compared."""
+    from .methods import METHODS, resolve_method_options
+
+    out = copy.deepcopy(dict(cfg))
+    methods = out.get("methods")
+    if isinstance(methods, Mapping):
+        out["methods"] = {
+            name: resolve_method_options(name, opts) if name in METHODS and isinstance(opts, Mapping) else opts
+            for name, opts in methods.items()
+        }
+    return out
 
 
 class ConfigError(ValueError):
@@ -416,6 +435,7 @@ def validate(cfg: Dict[str, Any]) -> None:
     c.size("data.eval_size", extra=("same",))
     c.integer("data.seed")
     c.flag("data.augment")
+    c.flag("data.check")
     c.text("data.cache_dir", none=True)
     c.text("data.train_split")
     c.text("data.val_split")

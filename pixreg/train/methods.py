@@ -6,25 +6,33 @@ A *method* is cross-entropy plus zero or more regularizers: ``"ce"`` is plain CE
 the configuration (``methods.<name>``) into a :class:`pixreg.criterion.RegularizedCriterion`,
 filling in what the model and dataset determine:
 
+The regularizer classes come from the one registry, :data:`pixreg.losses.registry.REGULARIZERS`:
+
 ========  ==========================================================================
 name      loss class (module) and what is filled in automatically
 ========  ==========================================================================
-cplus1    ``CPlus1Loss(num_classes, feat_dim, background_index=, ignore_index=)``;
+cplus1    ``CPlus1Loss(num_classes, feature_dim, background_index=, ignore_index=)``;
           ``classifier=`` the model's final 1x1 conv when ``centres: classifier``
-car       ``CARLoss(num_classes, ignore_index=, feature_dim=)``
-lall      ``LocallyAdaptiveLoss(ignore_index=, num_classes=)`` (logits only)
-rch       ``RCHLoss(num_classes, in_channels=feat_dim, ignore_index=)``
+car       ``CARLoss(num_classes, feature_dim, ignore_index=)``
+lall      ``LocallyAdaptiveLoss(num_classes=, ignore_index=)`` (logits only)
+rch       ``RCHLoss(num_classes, feature_dim, ignore_index=)``
 ========  ==========================================================================
 
-Per-method options (``methods.<name>`` in the YAML): ``weight`` (multiplies the
-regularizer, default 1), ``warmup`` (steps during which it is off, default 0),
-``layer`` (dotted module name of the feature layer, default ``model.feature_layer``),
-``projection`` (``null``, ``"conv1x1"`` or ``"conv3x3"``: a training-only conv on the
-features, owned by the criterion, with ``projection_dim`` outputs, default the feature
-width; CAR's paper prefers 1x1 so that pixels across a boundary are not mixed)
-and any keyword argument of the loss class (checked against its signature). A loss
-class's own ``weight`` argument (RCH's lambda = 0.1, LALL's weight = 1) is set with
-``loss_weight``; the effective multiplier is ``weight * loss_weight``.
+Per-method options (``methods.<name>`` in the YAML), the reserved keys :data:`RESERVED`:
+``loss_weight`` (the one effective multiplier of the regularizer; default the loss
+class's own default: 0.1 for RCH, the paper's lambda, 1 for the others), ``warmup``
+(steps during which it is off, default 0), ``layer`` (dotted module name of the feature
+layer, default ``model.feature_layer``), ``projection`` (``null``, ``"conv1x1"`` or
+``"conv3x3"``: a training-only conv on the features, owned by the criterion) and
+``projection_dim`` (its outputs, default the feature width; CAR's paper prefers 1x1 so
+that pixels across a boundary are not mixed). Every other key is a keyword argument of
+the loss class (checked against its signature). The term is
+``Term(loss, loss_weight=<loss_weight>)`` with the loss's own ``loss_weight`` left at 1,
+so the resolved ``config.yaml`` says exactly what multiplies each regularizer.
+
+The old key ``weight`` (a second multiplier: ``methods.rch.weight: 1`` meant 0.1) is
+accepted for one version with a ``DeprecationWarning`` and folded in by
+:func:`resolve_method_options`: ``loss_weight = weight * loss_weight``.
 
 C+1 and datasets without a background class (CamVid): C+1 needs one class to play the
 background. If the dataset has none (``background_index is None``), building ``cplus1``
@@ -34,30 +42,31 @@ pushed away from the other classes' centres. Nothing is chosen silently.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..criterion import RegularizedCriterion, Term
+from ..losses.registry import REGULARIZERS, regularizer_class
 
-__all__ = ["METHODS", "RESERVED", "parse_method", "method_slug", "build_criterion", "loss_class"]
+__all__ = [
+    "METHODS", "RESERVED", "parse_method", "method_slug", "build_criterion", "loss_class",
+    "default_loss_weight", "resolve_method_options",
+]
 
-#: name -> (module, class) of the regularizer.
-METHODS: Dict[str, Tuple[str, str]] = {
-    "cplus1": ("pixreg.losses.cplus1", "CPlus1Loss"),
-    "car": ("pixreg.losses.car", "CARLoss"),
-    "lall": ("pixreg.losses.lall", "LocallyAdaptiveLoss"),
-    "rch": ("pixreg.losses.rch", "RCHLoss"),
-}
+#: Method name -> regularizer class: the one registry, :data:`pixreg.losses.registry.REGULARIZERS`.
+METHODS = REGULARIZERS
 
 #: Training-only projections a term can put in front of its loss (CAR's paper compares 1x1 with 3x3).
 _PROJECTION_KERNELS = {"conv1x1": 1, "conv3x3": 3}
 
 #: Keys of ``methods.<name>`` that configure the term, not the loss constructor.
-RESERVED = ("weight", "warmup", "layer", "projection", "projection_dim", "loss_weight")
+RESERVED = ("loss_weight", "warmup", "layer", "projection", "projection_dim")
+#: Reserved for one version: the old second multiplier, folded into ``loss_weight``.
+DEPRECATED = ("weight",)
 
 
 def parse_method(spec: str) -> List[str]:
@@ -88,12 +97,39 @@ def method_slug(spec: str) -> str:
 
 
 def loss_class(name: str) -> type:
-    """Import and return the regularizer class of method ``name``."""
-    mod, cls = METHODS[name]
-    try:
-        return getattr(importlib.import_module(mod), cls)
-    except (ImportError, AttributeError) as err:
-        raise ImportError(f"method {name!r} needs {mod}.{cls}, which cannot be imported: {err}") from err
+    """The regularizer class of method ``name``."""
+    return regularizer_class(name)
+
+
+def default_loss_weight(name: str) -> float:
+    """The default of the ``loss_weight`` of method ``name``'s class (1 where it has none)."""
+    param = inspect.signature(loss_class(name).__init__).parameters.get("loss_weight")
+    return 1.0 if param is None or param.default is inspect.Parameter.empty else float(param.default)
+
+
+def resolve_method_options(name: str, opts: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``methods.<name>`` with one effective ``loss_weight``: the class's default when absent,
+    the deprecated ``weight`` multiplied in (with a ``DeprecationWarning``).
+
+    >>> resolve_method_options("rch", {"warmup": 5})
+    {'warmup': 5, 'loss_weight': 0.1}
+    """
+    out = dict(opts or {})
+    loss_weight = out.get("loss_weight", default_loss_weight(name))
+    if "weight" in out:
+        warnings.warn(
+            f"methods.{name}.weight is deprecated: use methods.{name}.loss_weight, the one multiplier "
+            f"of the term (weight {out['weight']!r} x loss_weight {loss_weight!r} is used)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        weight = out.pop("weight")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or isinstance(loss_weight, bool) \
+                or not isinstance(loss_weight, (int, float)):
+            raise ValueError(f"methods.{name}.weight and .loss_weight must be numbers, got {weight!r}, {loss_weight!r}")
+        loss_weight = float(weight) * float(loss_weight)
+    out["loss_weight"] = loss_weight
+    return out
 
 
 def _probe_channels(model: nn.Module, layer: str, in_channels: int = 3) -> int:
@@ -137,7 +173,7 @@ def build_criterion(
         model: needs ``feature_layer``, ``feature_dim`` and ``classifier_layer`` attributes
             (or ``layer`` in the options, then the width is probed).
         num_classes, ignore_index, background_index: from the dataset.
-        options: ``{method: {weight, warmup, layer, projection, projection_dim, **loss_kwargs}}``.
+        options: ``{method: {loss_weight, warmup, layer, projection, projection_dim, **loss_kwargs}}``.
         ce_weight: weight of the cross-entropy.
         class_weight: optional CE class weights, ``num_classes`` numbers.
 
@@ -151,10 +187,10 @@ def build_criterion(
     default_layer = getattr(model, "feature_layer", None)
     layers: List[str] = [default_layer] if default_layer else []
     for name in names:
-        opts = dict(options.get(name) or {})
+        opts = resolve_method_options(name, options.get(name))
         cls = loss_class(name)
-        weight = float(opts.pop("weight", 1.0))
-        warmup = int(opts.pop("warmup", 0))
+        loss_weight = opts.pop("loss_weight")
+        warmup = opts.pop("warmup", 0)
         layer = opts.pop("layer", None) or default_layer
         projection = opts.pop("projection", None)
         projection_dim = opts.pop("projection_dim", None)
@@ -180,22 +216,21 @@ def build_criterion(
             proj_module = nn.Conv2d(feat_dim, out_dim, kernel, padding=kernel // 2)
             feat_dim = out_dim
         accepted, var_kw = _accepts(cls)
-        unknown = sorted(k for k in opts if k not in accepted and not (k == "loss_weight" and "weight" in accepted))
+        own_weight = "loss_weight" in accepted
+        accepted -= {"loss_weight", "weight", "feat_dim", "in_channels"}  # the term's, or deprecated
+        unknown = sorted(k for k in opts if k not in accepted)
         if unknown and not var_kw:
             raise ValueError(
                 f"methods.{name}: unknown option(s) {unknown}; {cls.__name__} accepts "
                 f"{sorted(a for a in accepted if a not in ('num_classes',))} plus {list(RESERVED)}"
             )
         kwargs: Dict[str, Any] = dict(opts)
-        if "loss_weight" in kwargs:  # the loss class's own `weight` argument (RCH's lambda, LALL's weight)
-            kwargs["weight"] = kwargs.pop("loss_weight")
-        if "num_classes" in accepted:
-            kwargs.setdefault("num_classes", int(num_classes))
-        if "ignore_index" in accepted:
-            kwargs.setdefault("ignore_index", int(ignore_index))
-        for dim_name in ("feat_dim", "in_channels", "feature_dim"):
-            if dim_name in accepted and feat_dim is not None:
-                kwargs.setdefault(dim_name, feat_dim)
+        if own_weight:
+            kwargs["loss_weight"] = 1.0  # the term's loss_weight is the one multiplier
+        kwargs.setdefault("num_classes", int(num_classes))
+        kwargs.setdefault("ignore_index", int(ignore_index))
+        if uses_features:
+            kwargs.setdefault("feature_dim", feat_dim)
         if name == "cplus1":
             if "background_index" not in kwargs:
                 if background_index is None:
@@ -218,7 +253,10 @@ def build_criterion(
             raise ValueError(f"methods.{name}: cannot build {cls.__name__}({kwargs}): {err}") from err
         except ValueError as err:  # the constructor's own checks: name the configuration key
             raise ValueError(f"methods.{name}: {err}") from err
-        terms[name] = Term(loss, weight=weight, warmup=warmup, layer=layer, projection=proj_module)
+        try:
+            terms[name] = Term(loss, loss_weight=loss_weight, warmup=warmup, layer=layer, projection=proj_module)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"methods.{name}: {err}") from err
     if class_weight is not None and len(class_weight) != num_classes:
         raise ValueError(f"class_weight must have one entry per class ({num_classes}), got {len(class_weight)}")
     criterion = RegularizedCriterion(terms, ce_weight=ce_weight, ignore_index=ignore_index, class_weight=class_weight)

@@ -14,7 +14,7 @@ noncentrality ``delta * sqrt(n) / sd`` (:func:`power`, exact). The smallest dete
 effect is the ``delta`` whose power is 80 % (:func:`detectable_effect`, solved exactly; the
 textbook shortcut ``(t_{0.975} + t_{0.80}) * sd / sqrt(n)`` is optimistic for few seeds: at
 ``n = 3`` its power is 77 %, not 80 %). Quantiles and distributions come from
-:mod:`scipy.stats` (``pip install 'pixreg[train]'``).
+:mod:`scipy.stats` (the ``train`` extra).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _scipy_stats():
     try:
         from scipy import stats
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("pixreg.train.stats needs scipy: pip install 'pixreg[train]'") from err
+        raise ImportError("pixreg.train.stats needs scipy: install pixreg's 'train' extra (pip install -e '.[train]' in a checkout) or pip install scipy") from err
     return stats
 
 

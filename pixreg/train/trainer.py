@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -42,7 +43,7 @@ from ..distributed import all_reduce_sum_no_grad, convert_global_batchnorm
 from . import dist as dist_utils
 from .checkpoint import atomic_save, load_checkpoint, load_state, remove_stale_temporaries, rng_state, set_rng_state
 from .checks import preflight, scan_data
-from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml
+from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml, resolve_methods
 from .data import SeededDataset, StepBatchSampler, collate, eval_collate, shard_indices
 from .methods import build_criterion, method_slug
 from .metrics import SegmentationMetrics
@@ -325,6 +326,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: Mapping[str, Any], run_dir: str) -> None:
+    with warnings.catch_warnings():  # a run saved before the loss_weight rename: same meaning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        saved = resolve_methods(saved)
     diffs = config_diff(saved, cfg, ignore=RESUME_MUTABLE)
     if diffs:
         raise ValueError(
