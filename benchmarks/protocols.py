@@ -147,11 +147,15 @@ def collect(name: str, seeds: Optional[int] = None) -> Optional[Dict[str, Any]]:
     seeds = p.seeds if seeds is None else seeds
     base = os.path.join(ROOT, "runs", "protocols", name)
     runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in p.methods}
+    # the seeds finished for every method (a protocol still running is summarised on those)
+    done = [s for s in range(seeds)
+            if all(os.path.exists(os.path.join(base, m, f"seed{s}", "metrics.json")) for m in p.methods)]
+    if len(done) < 2:
+        return None
+    seeds = len(done)
     for m in p.methods:
-        for s in range(seeds):
+        for s in done:
             path = os.path.join(base, m, f"seed{s}", "metrics.json")
-            if not os.path.exists(path):
-                return None
             with open(path) as f:
                 metrics = json.load(f)
             metrics["curve"] = _curve(os.path.dirname(path))
@@ -171,7 +175,7 @@ def collect(name: str, seeds: Optional[int] = None) -> Optional[Dict[str, Any]]:
             cpu = json.load(f)
     row = {
         "protocol": name, "description": p.description, "config": p.config, "overrides": COMMON + p.overrides,
-        "methods": list(p.methods), "seeds": seeds, "threads": runs["ce"][0]["threads"],
+        "methods": list(p.methods), "seeds": seeds, "seed_list": done, "threads": runs["ce"][0]["threads"],
         "seconds_per_run": s_run,
         "seconds_per_run_ce": sum(r["train_time_s"] + r["eval_time_s"] for r in runs["ce"]) / seeds,
         "cpu_time": cpu,
