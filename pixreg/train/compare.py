@@ -35,7 +35,9 @@ from .features import prepare_feature_caches
 from .methods import method_slug
 from .metrics import LOWER_IS_BETTER, METRIC_NAMES
 from .stats import DETECTABLE_NAME, INTERVAL_NAME, mean_std, paired_interval, seeds_needed, verdict
-from .trainer import progress_bar, run_status, train, write_json
+from .evaluation import progress_bar
+from .run import run_status, write_json
+from .trainer import train
 
 __all__ = ["compare", "summarize", "render_markdown", "plot_per_class", "predicts_one_class"]
 

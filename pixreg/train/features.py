@@ -173,7 +173,7 @@ def build_feature_cache(cfg: Mapping[str, Any], split: str, *, train: bool, prog
         native = build_dataset(d["name"], split, d["root"], size=None, augment=False, seed=int(d["seed"]),
                                cache_dir=d["cache_dir"], **opts)
     from ..models.efficientnet import EfficientNetLite0Pyramid
-    from .trainer import progress_bar
+    from .evaluation import progress_bar
 
     encoder = EfficientNetLite0Pyramid(spec["strides"], pretrained=True).eval()
     n, nv = len(plain), len(views)
