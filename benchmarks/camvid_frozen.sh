@@ -27,6 +27,9 @@ EXTRA=(--set data.cache_dir=runs/cache --no-progress)
 for METHODS in ce,cplus1,car,lall,rch "ce,$PAIR"; do
   NAME=camvid_frozen
   [ "$METHODS" = ce,cplus1,car,lall,rch ] || NAME=camvid_frozen_pair
+  if [ "${REPORT_ONLY:-0}" = 1 ] && [ "$NAME" = camvid_frozen_pair ] && [ ! -d "$OUT/${PAIR//+/_}" ]; then
+    echo "no runs of $PAIR yet: no pair table"; continue
+  fi
   ARGS=(compare --config camvid_frozen --data-root "$ROOT" --methods "$METHODS" --seeds "$SEEDS" --out "$OUT"
         --jobs "$JOBS" --threads "$JOBS" "${EXTRA[@]}" "$@")
   $PY -m pixreg "${ARGS[@]}"
