@@ -160,12 +160,11 @@ def centre_cosine(centres: torch.Tensor, mask: Optional[torch.Tensor] = None) ->
     >>> float(centre_cosine(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1e-9]])))  # doctest: +ELLIPSIS
     0.33...
     """
-    c = centres if mask is None else centres[mask]
-    if c.shape[0] < 2:
-        return torch.full((), math.nan, device=centres.device)
-    u = nn.functional.normalize(c.double(), dim=1)
-    n = u.shape[0]
-    return ((u @ u.t()).sum() - u.pow(2).sum()) / (n * (n - 1))
+    keep = torch.ones(centres.shape[0], dtype=torch.bool, device=centres.device) if mask is None else mask
+    u = nn.functional.normalize(centres.double(), dim=1) * keep[:, None]  # no boolean indexing: no host sync
+    n = keep.sum().double()
+    mean = ((u @ u.t()).sum() - u.pow(2).sum()) / (n * (n - 1)).clamp_min(1.0)
+    return torch.where(n >= 2, mean, torch.full_like(mean, math.nan))
 
 
 class CollapseGuard:

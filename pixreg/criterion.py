@@ -202,8 +202,8 @@ class RegularizedCriterion(nn.Module):
     def _warmup_step(self) -> Optional[int]:
         """The step number while some term is still warming up, else None."""
         last = max((spec.warmup for spec in self.specs.values()), default=0)
-        if self._host_step is None:  # one read after construction or loading (also for the balance counter)
-            self._host_step = int(self.step)
+        if self._host_step is None:  # read once after construction or loading, only with warm-ups
+            self._host_step = int(self.step) if last > 0 else 0
         return self._host_step if self._host_step < last else None
 
     def _check_class_weight(self, class_weight) -> torch.Tensor:
@@ -306,8 +306,8 @@ class RegularizedCriterion(nn.Module):
             if name in self.balance:
                 self.balance[name].update(ce_norm, raw_norm)
                 out[f"weight/{name}"] = self.balance[name].weight.float().clone()
-            ratio = float(self._weight(name)) * raw_norm / ce_norm.clamp_min(1e-300)
-            undefined = torch.full_like(ratio, math.inf if float(raw_norm) > 0 else math.nan)  # CE's gradient is 0 there
+            ratio = self._weight(name) * raw_norm / ce_norm.clamp_min(1e-300)  # no host read
+            undefined = torch.where(raw_norm > 0, torch.full_like(ratio, math.inf), torch.full_like(ratio, math.nan))
             out[f"ratio/{name}"] = torch.where(ce_norm > 0, ratio, undefined).float()
             if hasattr(loss_mod, "centre_similarity"):
                 out[f"centre_cos/{name}"] = loss_mod.centre_similarity().float()
