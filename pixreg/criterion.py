@@ -383,7 +383,9 @@ class RegularizedCriterion(nn.Module):
 
 
 def _forget_host_step(module: RegularizedCriterion, incompatible_keys) -> None:
-    module._host_step = None  # re-read from the loaded `step` buffer at the next call
+    # the loaded `step`, read here (at load time, not in a training step): the warm-ups and the
+    # gradient-balance schedule continue exactly where the saved run stopped
+    module._host_step = int(module.step)
 
 
 def default_logits(output: Any) -> torch.Tensor:
