@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from . import dist as dist_utils
-from .checks import check_output_folder, check_settings
+from .checks import check_output_folder, check_settings, scan_data
 from .config import resolve_config
 from .methods import method_slug
 from .metrics import LOWER_IS_BETTER, METRIC_NAMES
@@ -54,6 +54,8 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
     check_output_folder(out_dir)
     for slug in slugs:  # every method's settings, datasets and options, before the first run trains
         check_settings(resolve_config(config_path, overrides, method=slug, seed=int(seeds[0]), device=device, threads=threads))
+    if int(os.environ.get("RANK", "0")) == 0:
+        scan_data(base_cfg, log)  # every sample read once, before out_dir is made (runs reuse the result)
     ctx = dist_utils.setup(base_cfg["device"])
     try:
         os.makedirs(out_dir, exist_ok=True)
