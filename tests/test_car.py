@@ -10,6 +10,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,8 +25,22 @@ TERMS = ("intra_c2p", "inter_c2c", "inter_c2p")
 
 
 # --------------------------------------------------------------------------- references
-def ref_pixels(features, labels):
-    """List of per-pixel feature vectors and labels (labels nearest-sampled, floor rounding)."""
+def floor_src(i, in_size, out_size):
+    """Nearest source index, floor rounding: floor(i * in / out)."""
+    return (i * in_size) // out_size
+
+
+def tf_align_corners_src(i, in_size, out_size):
+    """TensorFlow's nearest resize with align_corners=True (the released CAR code):
+    roundf(i * ((in - 1) / (out - 1))) in float32 arithmetic, half away from zero."""
+    if out_size == 1:
+        return 0
+    v = float(np.float32(i) * (np.float32(in_size - 1) / np.float32(out_size - 1)))
+    return min(math.floor(v + 0.5), in_size - 1)
+
+
+def ref_pixels(features, labels, src=floor_src):
+    """List of per-pixel feature vectors and labels (labels nearest-sampled with ``src``)."""
     xs, ys = [], []
     if features.dim() == 2:
         for i in range(features.shape[0]):
@@ -38,7 +53,7 @@ def ref_pixels(features, labels):
         for i in range(h):
             for j in range(w):
                 xs.append(features[bi, :, i, j])
-                ys.append(int(labels[bi, (i * hh) // h, (j * ww) // w]))
+                ys.append(int(labels[bi, src(i, hh, h), src(j, ww, w)]))
     return xs, ys
 
 
@@ -102,13 +117,16 @@ def ref_paper(features, labels, k, *, eps0=0.5, eps1=0.25, thr="present", w=(1.0
     return {"intra_c2p": w[0] * intra, "inter_c2c": w[1] * c2c, "inter_c2p": w[2] * c2p}
 
 
-def ref_released(features, labels, k, *, eps0=0.5, eps1=0.25, thr="all", w=(1.0, 1.0, 1.0), sg=True, centres=None):
-    """Released TF code: squares of means, zero centres for absent classes, clips, stop-gradients.
+def ref_released(features, labels, k, *, eps0=0.5, eps1=0.25, thr="all", w=(1.0, 1.0, 1.0), sg=True, centres=None,
+                 src=tf_align_corners_src):
+    """Released TF code: squares of means, zero centres for absent classes, clips, stop-gradients,
+    labels resized with TensorFlow's align-corners nearest rule; thresholds eps/(K'-1) infinite
+    when K' = 1 (no penalty).
 
     sg=False lets gradient flow through every use of the centres (to show the difference).
     centres: optional (K, D) centres to use instead of batch centres (EMA), no gradient.
     """
-    xs, ys = ref_pixels(features, labels)
+    xs, ys = ref_pixels(features, labels, src)
     n, d = len(xs), xs[0].numel()
     eps = 1e-7
     valid = [ys[i] != IGN for i in range(n)]
@@ -133,7 +151,7 @@ def ref_released(features, labels, k, *, eps0=0.5, eps1=0.25, thr="all", w=(1.0,
     m = acc / (n * d)
     intra = torch.clamp(torch.as_tensor(m) ** 2 + features.sum() * 0, min=1e-5)
 
-    t0 = eps0 / max(kp - 1, 1)
+    t0 = eps0 / (kp - 1) if kp > 1 else math.inf
     rows = []
     for c in range(k):
         a = _softmax([torch.dot(q[c], kk[l]) / math.sqrt(d) for l in range(k)])
@@ -144,7 +162,7 @@ def ref_released(features, labels, k, *, eps0=0.5, eps1=0.25, thr="all", w=(1.0,
         rows.append(torch.clamp(r, eps, 1 - eps))
     c2c = (sum(rows) / k) ** 2
 
-    t1 = eps1 / max(kp - 1, 1)
+    t1 = eps1 / (kp - 1) if kp > 1 else math.inf
     acc = 0
     for i in range(n):
         own = ys[i] if valid[i] else None
@@ -392,7 +410,7 @@ def test_ema_update_absent_untouched_and_used_centres():
     assert m.ema_centres.shape == (K, d) and m.ema_centres.abs().max() <= bound
     init = m.ema_centres.clone()
     # expected update from the batch centres (loops)
-    xs, ys = ref_pixels(x, y)
+    xs, ys = ref_pixels(x, y, tf_align_corners_src)
     expected = init.clone()
     for c in range(K):
         members = [xs[i] for i in range(len(xs)) if ys[i] == c]

@@ -74,6 +74,14 @@ def ref_sets(pixels, k_count, image_sets):
     return tp, fn, fp
 
 
+def ref_sim(i, members, calibration):
+    """FN/FP similarity of pixel ``i`` to a set: mean of cosines (paper) or cosine to the mean (released)."""
+    if calibration == "mean_of_cosines":
+        return sum(ref_cos(j["e"], i["e"]) for j in members) / len(members)
+    mean = sum(j["e"] for j in members) / len(members)
+    return ref_cos(i["e"], mean)
+
+
 def ref_loss(e, z, y, protos, pvalid, *, tau=0.5, weight=0.1, hard_weight=1.0, use_fn=True, use_fp=True,
              sets="batch", calibration="mean_of_cosines", detach_calib=False):
     pixels = ref_pixels(e, z, y)
@@ -81,10 +89,7 @@ def ref_loss(e, z, y, protos, pvalid, *, tau=0.5, weight=0.1, hard_weight=1.0, u
     _, fn, fp = ref_sets(pixels, k_count, sets == "image")
 
     def sim(i, members):
-        if calibration == "mean_of_cosines":
-            return sum(ref_cos(j["e"], i["e"]) for j in members) / len(members)
-        mean = sum(j["e"] for j in members) / len(members)
-        return ref_cos(i["e"], mean)
+        return ref_sim(i, members, calibration)
 
     tot = {"fn": e.new_zeros(()), "fp": e.new_zeros(())}
     n_anchor = 0
@@ -154,12 +159,13 @@ def _check_sets_nontrivial(e, z, y, K):
     assert any(q["y"] == 1 and int(torch.argmax(q["z"])) == 0 for q in pixels)  # FP of 0, no prototype of 1
 
 
-def _run(e, z, y, protos, pvalid, **kw):
+def _run(e, z, y, protos, pvalid, reference=None, lib_kw=None, **kw):
+    """Loss and embedding gradient of rch_loss (``lib_kw``, default ``kw``) and of the reference (``kw``)."""
     ea = e.clone().requires_grad_(True)
-    out = rch_loss(ea, z, y, protos, pvalid, **kw)
+    out = rch_loss(ea, z, y, protos, pvalid, **(kw if lib_kw is None else lib_kw))
     out.loss.backward()
     er = e.clone().requires_grad_(True)
-    ref = ref_loss(er, z, y, protos, pvalid, **kw)
+    ref = (reference or ref_loss)(er, z, y, protos, pvalid, **kw)
     (ref["fn"] + ref["fp"]).backward()
     return out, ea.grad, ref, er.grad
 

@@ -6,10 +6,13 @@ Conventions (all losses):
 * features ``(B, D, h, w)`` or flat ``(N, D)``; labels ``(B, H, W)`` (or ``(N,)`` with
   flat features), integer, values in ``0..K-1`` or ``ignore_index``.
 * labels are brought to feature resolution by *nearest* sampling with PyTorch's
-  default ``F.interpolate(mode="nearest")`` rounding: feature cell ``(i, j)`` takes the
-  label at ``(floor(i * H / h), floor(j * W / w))``, i.e. the top-left pixel of its
-  block when ``H = s * h``. (mmsegmentation does the same; some reference codes use
-  centre sampling.)
+  ``F.interpolate(mode="nearest")`` (:func:`resize_labels`, rule ``"torch"``): feature
+  row ``i`` takes label row ``min(floor(fl(i * s)), H - 1)`` with ``s = fl(H / h)``, where
+  ``fl`` rounds to float32 -- torch computes the scale and the product in float32. This
+  is the top-left pixel of its block when ``H = s * h``, and equals the exact
+  ``floor(i * H / h)`` for most but not all size pairs (26 -> 22, row 11: 12, not 13).
+  Columns alike. mmsegmentation (RCH's released code) resizes the same way. CAR's
+  released TensorFlow code uses rule ``"align_corners"`` instead (see :func:`resize_labels`).
 * ignored pixels are mapped to a dump class ``K`` so that per-class sums can be taken
   in one ``index_add`` with no boolean indexing (no host synchronisation); the dump
   row is dropped.
@@ -225,12 +228,49 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(f"inputs must be on the same device, got {names}")
 
 
-def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-sample integer labels ``(B, H, W)`` to ``size = (h, w)`` (floor rounding)."""
+LABEL_SAMPLING = ("torch", "align_corners")
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int], rule: str = "torch") -> torch.Tensor:
+    """Nearest-sample integer labels ``(B, H, W)`` to ``size = (h, w)``.
+
+    ``fl`` below rounds to float32 (the arithmetic both libraries use); rows and columns alike.
+
+    * ``rule="torch"``: ``F.interpolate(mode="nearest")``: row ``i`` takes source row
+      ``min(floor(fl(i * fl(H / h))), H - 1)``.
+    * ``rule="align_corners"``: TensorFlow's ``resize_nearest_neighbor(align_corners=True)``
+      (CAR's released code): source row ``min(round(fl(i * fl((H - 1) / (h - 1)))), H - 1)``,
+      rounding half away from zero (``roundf``); row 0 when ``h = 1``. The first and last
+      rows map to the first and last rows, e.g. rows 0, 8, 16, ..., 512 for 513 -> 65.
+
+    Example:
+        >>> import torch
+        >>> y = torch.arange(9)[None, :, None].expand(1, 9, 1)
+        >>> resize_labels(y, (3, 1))[0, :, 0].tolist(), resize_labels(y, (3, 1), "align_corners")[0, :, 0].tolist()
+        ([0, 3, 6], [0, 4, 8])
+    """
+    if rule not in LABEL_SAMPLING:
+        raise ValueError(f"`label_sampling` must be one of {LABEL_SAMPLING}, got {rule!r}")
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
+    if rule == "align_corners":
+        rows = _align_corners_index(labels.shape[-2], size[0], labels.device)
+        cols = _align_corners_index(labels.shape[-1], size[1], labels.device)
+        return labels.index_select(-2, rows).index_select(-1, cols)
     out = F.interpolate(labels[:, None].float(), size=size, mode="nearest")
     return out[:, 0].to(labels.dtype)
+
+
+def _align_corners_index(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """TensorFlow's align-corners nearest source index (float32 arithmetic, ``roundf``)."""
+    if out_size == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    f32 = torch.float32
+    scale = torch.tensor(in_size - 1, dtype=f32) / torch.tensor(out_size - 1, dtype=f32)
+    v = torch.arange(out_size, dtype=f32) * scale
+    lo = torch.floor(v)
+    idx = lo + (v - lo >= 0.5).to(f32)  # round half away from zero (v >= 0)
+    return idx.long().clamp(max=in_size - 1).to(device)
 
 
 def resize_bilinear(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -345,13 +385,14 @@ def global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Ten
     return total / count.clamp(min=1)
 
 
-@torch.no_grad()
 def ema_class_means(
     feats: torch.Tensor,
     index: torch.Tensor,
     means: torch.Tensor,
     initialized: torch.Tensor,
     momentum: float,
+    *,
+    differentiable: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""One moving-average step of per-class means (C+1 centres, RCH prototypes, CAR's EMA centres).
 
@@ -374,6 +415,8 @@ def ema_class_means(
         initialized: ``(K,)`` bool, which means exist (all True for a state that starts
             from an initial value rather than from the first batch).
         momentum: weight of the old mean, in ``[0, 1)``.
+        differentiable: keep the gradient path from ``feats`` through ``b_k`` (sums
+            all-reduced with autograd; RCH's ``prototype_grad``); default: no gradient.
 
     Returns:
         ``(new_means (K, D) in the dtype of feats, new_initialized (K,))``.
@@ -384,14 +427,22 @@ def ema_class_means(
         >>> m.tolist(), init.tolist()
         ([[1.0], [0.0]], [True, False])
     """
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        return _ema_step(feats if differentiable else feats.detach(), index, means, initialized, momentum,
+                         differentiable)
+
+
+def _ema_step(f: torch.Tensor, index: torch.Tensor, means: torch.Tensor, initialized: torch.Tensor,
+              momentum: float, differentiable: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     k = means.shape[0]
-    f = feats.detach()
-    sums = all_reduce_sum_no_grad(f.new_zeros(k + 1, f.shape[1]).index_add(0, index, f)[:k])
+    local = f.new_zeros(k + 1, f.shape[1]).index_add(0, index, f)[:k]
+    sums = all_reduce_sum(local) if differentiable else all_reduce_sum_no_grad(local)
     counts = all_reduce_sum_no_grad(bin_counts(index, k + 1)[:k].to(f.dtype))
     present = counts > 0
     batch = sums / counts.clamp(min=1).unsqueeze(1)
     old = means.detach().to(f.dtype)
     blended = momentum * old + (1.0 - momentum) * batch
+    initialized = initialized.clone()  # saved for backward; callers update their buffer in place
     new = torch.where(present[:, None], torch.where(initialized[:, None], blended, batch), old)
     return new, initialized | present
 

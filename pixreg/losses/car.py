@@ -19,6 +19,7 @@ from typing import Dict, Optional
 import torch
 
 from ._common import (
+    LABEL_SAMPLING,
     check_choice,
     check_floating,
     check_ignore_index,
@@ -33,6 +34,7 @@ from ._common import (
     flatten_features,
     global_mean,
     no_autocast,
+    resize_labels,
 )
 from .base import LossOutput, Regularizer
 
@@ -82,6 +84,21 @@ def _check_args(
     return threshold_classes
 
 
+def _resolve_label_sampling(variant: str, label_sampling: Optional[str]) -> str:
+    """``None`` -> the variant's rule: ``"torch"`` (paper) or ``"align_corners"`` (released)."""
+    if label_sampling is None:
+        return "torch" if variant == "paper" else "align_corners"
+    if label_sampling not in LABEL_SAMPLING:
+        raise ValueError(f"`label_sampling` must be one of {LABEL_SAMPLING} or None, got {label_sampling!r}")
+    return label_sampling
+
+
+def _threshold(eps: float, denom: torch.Tensor) -> torch.Tensor:
+    """``eps / (K' - 1)``; infinite (no penalty) when ``K' - 1 = 0``, as the formula gives."""
+    inf = torch.full_like(denom, float("inf"))
+    return torch.where(denom > 0, eps / denom.clamp(min=1), inf)
+
+
 def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis restricted to ``keep`` (broadcastable bool); 0 elsewhere.
 
@@ -106,6 +123,7 @@ def car_loss(
     ema_centres: Optional[torch.Tensor] = None,
     ema_decay: float = 0.9,
     ema_update: bool = True,
+    label_sampling: Optional[str] = None,
 ) -> LossOutput:
     r"""Class-aware regularizations (CAR): intra-c2p, inter-c2c and inter-c2p terms.
 
@@ -114,6 +132,8 @@ def car_loss(
     ``mu_k = mean_{i in V, y_i = k} x_i`` the batch centre of class ``k``.
     ``K'`` is the threshold's class count: ``|P|`` (``threshold_classes="present"``, the
     paper variant's default) or ``K = num_classes`` (``"all"``, the released default).
+    When ``K' = 1`` the thresholds ``eps/(K'-1)`` are infinite: no entry is penalised
+    (released: the inter terms sit at their clip floor ``(1e-7)^2``).
 
     Paper variant (default)::
 
@@ -149,9 +169,8 @@ def car_loss(
 
     Args:
         features: ``(B, D, h, w)`` or flat ``(N, D)`` floating-point features.
-        labels: ``(B, H, W)`` (nearest-resized to ``(h, w)`` with floor rounding, see
-            :mod:`pixreg.losses._common`) or ``(N,)`` with flat features; integers in
-            ``0..num_classes-1`` or ``ignore_index``.
+        labels: ``(B, H, W)`` (nearest-resized to ``(h, w)``, see ``label_sampling``) or
+            ``(N,)`` with flat features; integers in ``0..num_classes-1`` or ``ignore_index``.
         num_classes: ``K``.
         intra_weight, c2c_weight, c2p_weight: term weights (paper: 1, 1, 1). A term whose
             weight is 0 is not computed and reported as an exact 0 (no graph).
@@ -167,6 +186,12 @@ def car_loss(
             any centre, c2c included), as in the released code.
         ema_decay: the EMA decay (released code: 0.9).
         ema_update: whether to update ``ema_centres`` (the module passes ``self.training``).
+        label_sampling: how labels are nearest-resized to the features
+            (:func:`pixreg.losses._common.resize_labels`): ``"torch"`` (torch's ``nearest``,
+            row ``min(floor(fl(i * fl(H/h))), H-1)`` in float32) or ``"align_corners"``
+            (TensorFlow's ``align_corners=True`` resize of the released code, row
+            ``round(i * (H-1)/(h-1))``: rows 0, 8, 16, ... for 513 -> 65); ``None`` (default)
+            picks the variant's: paper ``"torch"``, released ``"align_corners"``.
 
     Returns:
         :class:`LossOutput` with ``loss`` (scalar, in the features' compute dtype: float32,
@@ -190,8 +215,12 @@ def car_loss(
         num_classes, intra_weight, c2c_weight, c2p_weight, eps0, eps1, variant,
         threshold_classes, ignore_index, ema_decay if ema_centres is not None else None,
     )
+    label_sampling = _resolve_label_sampling(variant, label_sampling)
     check_labels(labels, None, ignore_index)  # types first: a NumPy array gets a TypeError, not an AttributeError
     check_same_device(features=features, labels=labels, ema_centres=ema_centres)
+    if (isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor) and features.dim() == 4
+            and labels.dim() == 3 and labels.shape[0] == features.shape[0]):
+        labels = resize_labels(labels, tuple(features.shape[-2:]), label_sampling)
     flat, lab = flatten_features(features, labels)
     check_labels(lab, num_classes, ignore_index)
     n, d = flat.shape
@@ -223,9 +252,9 @@ def car_loss(
         one_hot = dl.unsqueeze(1) == torch.arange(k, device=x.device).unsqueeze(0)
         n_present = present.sum().to(dt)
         if threshold_classes == "present":
-            denom = (n_present - 1).clamp(min=1)
+            denom = (n_present - 1).clamp(min=0)
         else:
-            denom = torch.tensor(float(max(k - 1, 1)), dtype=dt, device=x.device)
+            denom = torch.tensor(float(k - 1), dtype=dt, device=x.device)
         zero = x.new_zeros(())
         n_valid = valid.sum()
         n_all = torch.tensor(n, dtype=dt, device=x.device)
@@ -277,7 +306,7 @@ def _paper_terms(
         gram = mu @ mu.t() / math.sqrt(d)  # (K, K)
         a = _masked_softmax(gram, present.unsqueeze(0))
         off = present.unsqueeze(0) & present.unsqueeze(1) & ~torch.eye(k, dtype=torch.bool, device=x.device)
-        r = (torch.relu(a - eps0 / denom) * off).sum(1)  # (K,); 0 for absent rows
+        r = (torch.relu(a - _threshold(eps0, denom)) * off).sum(1)  # (K,); 0 for absent rows
         out["inter_c2c"] = w_c2c * (r * r).sum() / n_present.clamp(min=1)
     else:
         out["inter_c2c"] = zero
@@ -288,7 +317,7 @@ def _paper_terms(
         energy = torch.where(one_hot, self_energy.unsqueeze(0), energy)
         b = _masked_softmax(energy, present.unsqueeze(0))
         other = present.unsqueeze(0) & ~one_hot
-        s = (torch.relu(b - eps1 / denom) * other).sum(1)  # (N,)
+        s = (torch.relu(b - _threshold(eps1, denom)) * other).sum(1)  # (N,)
         s = torch.where(valid, s, zero)
         out["inter_c2p"] = w_c2p * global_mean((s * s).sum(), n_valid)
     else:
@@ -328,7 +357,7 @@ def _released_terms(
     if w_c2c:
         a = torch.softmax(mu @ sg.t() / math.sqrt(d), dim=1)  # query mu, key sg(mu)
         off = ~torch.eye(k, dtype=torch.bool, device=x.device)
-        r = (torch.relu(a - eps0 / denom) * off).sum(1).clamp(lo, hi)  # (K,)
+        r = (torch.relu(a - _threshold(eps0, denom)) * off).sum(1).clamp(lo, hi)  # (K,)
         m = r.mean()
         out["inter_c2c"] = w_c2c * m * m
     else:
@@ -337,7 +366,7 @@ def _released_terms(
     if w_c2p:
         energy = torch.where(one_hot, (sg * sg).sum(1).unsqueeze(0), x @ sg.t()) / math.sqrt(d)
         b = torch.softmax(energy, dim=1)
-        s = (torch.relu(b - eps1 / denom) * ~one_hot).sum(1).clamp(lo, hi)  # (N,) incl. ignored
+        s = (torch.relu(b - _threshold(eps1, denom)) * ~one_hot).sum(1).clamp(lo, hi)  # (N,) incl. ignored
         m = global_mean(s.sum(), n_all)
         out["inter_c2p"] = w_c2p * m * m
     else:
@@ -380,9 +409,10 @@ class CARLoss(Regularizer):
 
     Common to both: centres from sums and counts all-reduced across processes before
     division (global batch); squares of global means are squares of the *global* mean
-    (the released code squares per-replica means). Labels are resized with floor
-    nearest rounding (the released code uses TensorFlow's nearest resize, half-pixel
-    centres). The released code also stop-gradients the centres in the intra term,
+    (the released code squares per-replica means). Labels are nearest-resized with
+    torch's rule (paper) or TensorFlow's ``align_corners=True`` rule (released, as its code
+    does), see ``label_sampling`` in :func:`car_loss`. With one class (``K' = 1``) the
+    released thresholds ``eps/(K'-1)`` are infinite and the inter terms sit at their floor. The released code also stop-gradients the centres in the intra term,
     which METHODS.md does not list; we reproduce it. The released module's own default
     switches c2p off (configs switch it on); here all three weights default to 1. Its 1x1 ``linear_conv`` in front of
     the loss is not part of this module (use a ``projection`` in the criterion).
@@ -409,6 +439,7 @@ class CARLoss(Regularizer):
         threshold_classes: Optional[str] = None,
         ignore_index: int = 255,
         ema_decay: Optional[float] = None,
+        label_sampling: Optional[str] = None,
     ) -> None:
         super().__init__(num_classes, ignore_index=ignore_index, feature_dim=feature_dim)
         _check_args(
@@ -423,6 +454,7 @@ class CARLoss(Regularizer):
         self.variant = variant
         self.threshold_classes = threshold_classes
         self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.label_sampling = _resolve_label_sampling(variant, label_sampling)
         self.ema_centres: Optional[torch.Tensor]
         if ema_decay is not None:
             if feature_dim is None:
@@ -436,7 +468,8 @@ class CARLoss(Regularizer):
     def extra_repr(self) -> str:
         s = (
             f"num_classes={self.num_classes}, variant={self.variant!r}, weights=({self.intra_weight}, "
-            f"{self.c2c_weight}, {self.c2p_weight}), eps0={self.eps0}, eps1={self.eps1}"
+            f"{self.c2c_weight}, {self.c2p_weight}), eps0={self.eps0}, eps1={self.eps1}, "
+            f"label_sampling={self.label_sampling!r}"
         )
         if self.ema_decay is not None:
             s += f", ema_decay={self.ema_decay}, feature_dim={self.feature_dim}"
@@ -458,5 +491,6 @@ class CARLoss(Regularizer):
             ema_centres=self.ema_centres,
             ema_decay=0.9 if self.ema_decay is None else self.ema_decay,
             ema_update=self.training,
+            label_sampling=self.label_sampling,
         )
         return self._record(out)

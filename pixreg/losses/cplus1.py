@@ -46,7 +46,7 @@ Choices (the paper fixes neither the distance, the margin nor the momentum):
   of the background term counts only the CoIs that have a centre.
 * learnable / classifier centres receive gradient from both terms (the compact term
   pulls them to their pixels, the background term pushes them from background pixels).
-* labels are brought to feature resolution by nearest sampling, floor rounding (see
+* labels are brought to feature resolution by torch's ``nearest`` (float32 floor rule, see
   :mod:`pixreg.losses._common`).
 * cost: all pixel-to-centre distances come from one ``(N, C)`` matmul,
   ``|f|^2 + |c|^2 - 2 f.c`` (clamped at 0), in float32 (float64 stays float64); no
@@ -216,7 +216,7 @@ def cplus1_loss(
 
     Args:
         features: ``(B, D, h, w)`` pixel features or flat ``(N, D)``, floating point.
-        labels: ``(B, H, W)`` (nearest-resized to ``(h, w)``, floor rounding) or ``(N,)``
+        labels: ``(B, H, W)`` (nearest-resized to ``(h, w)`` by torch's rule) or ``(N,)``
             integers in ``0..K-1`` or ``ignore_index``; ``K = C + 1``.
         centres: ``(C, D)`` CoI centres, row ``j`` for the ``j``-th non-background class.
             Used as given: gradient flows into them if they require grad (learnable or

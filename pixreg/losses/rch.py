@@ -61,6 +61,8 @@ _SETS = ("batch", "image")
 _CALIBRATIONS = ("mean_of_cosines", "cosine_to_mean")
 _UPDATES = ("before", "after")
 _SOURCES = ("tp", "gt")
+_CE_RESOLUTIONS = ("embedding", "label")
+_REDUCTIONS = ("anchors", "all_pixels")
 _NORM_EPS = 1e-12  # cosine: u / max(|u|, eps), as F.normalize
 
 
@@ -76,6 +78,16 @@ def _check_loss_args(tau: float, loss_weight: float, hard_weight: float, use_fn:
     check_flag("use_fp", use_fp)
     check_choice("sets", sets, _SETS)
     check_choice("calibration", calibration, _CALIBRATIONS)
+
+
+def _check_ce_args(prototype_grad: bool, ce_resolution: str, ohem_thresh: Optional[float], ohem_min_kept: int,
+                   reduction: str) -> None:
+    check_flag("prototype_grad", prototype_grad)
+    check_choice("ce_resolution", ce_resolution, _CE_RESOLUTIONS)
+    check_choice("reduction", reduction, _REDUCTIONS)
+    if ohem_thresh is not None:
+        check_real("ohem_thresh", ohem_thresh, lo=0.0, hi=1.0)
+    check_int("ohem_min_kept", ohem_min_kept, lo=0)
 
 
 def _check_prototypes(prototypes: torch.Tensor, mask: Optional[torch.Tensor], mask_name: str) -> None:
@@ -101,6 +113,7 @@ class _Prepared:
     image: Optional[torch.Tensor]  # (N,) image index of each pixel; None for flat inputs
     num_images: int
     num_classes: int
+    size: Optional[Tuple[int, int]] = None  # (h, w) of the embeddings; None for flat inputs
 
 
 def _prepare(embeddings: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -140,7 +153,8 @@ def _prepare(embeddings: torch.Tensor, logits: torch.Tensor, labels: torch.Tenso
         pred = z.argmax(dim=1)
         dl = dump_labels(lab, num_classes, ignore_index)
         p_true = prob.gather(1, dl.clamp(max=num_classes - 1)[:, None])[:, 0]
-    return _Prepared(emb, dl, pred, p_true, image, num_images, num_classes)
+    size = tuple(embeddings.shape[-2:]) if embeddings.dim() == 4 else None
+    return _Prepared(emb, dl, pred, p_true, image, num_images, num_classes, size)
 
 
 # ------------------------------------------------------------------------ statistics
@@ -201,9 +215,64 @@ def _calibration(emb: torch.Tensor, emb_hat: torch.Tensor, members: torch.Tensor
     return torch.where(c > 0, 1.0 + sign * m, torch.zeros_like(m))
 
 
+@dataclass
+class _CETarget:
+    """Where the two metric CEs are taken: labels, anchors and image count at that resolution."""
+
+    dlabels: torch.Tensor  # (M,) dump labels (ignored -> K)
+    anchor: torch.Tensor  # (M,) bool: non-ignored with a valid prototype
+    size: Optional[Tuple[int, int]]  # (H, W) to upsample the score maps to; None: embedding resolution
+    num_images: int
+
+
+def _ce_target(prep: _Prepared, pvalid: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int,
+               ce_resolution: str) -> _CETarget:
+    k = prep.num_classes
+    size = None
+    dl = prep.dlabels
+    if ce_resolution == "label" and prep.size is not None:
+        assert labels is not None
+        if tuple(labels.shape[-2:]) != prep.size:
+            size = (int(labels.shape[-2]), int(labels.shape[-1]))
+            dl = dump_labels(labels.reshape(-1), k, ignore_index)
+    anchor = (dl < k) & pvalid[dl.clamp(max=k - 1)]
+    return _CETarget(dl, anchor, size, prep.num_images)
+
+
+def _upsample_scores(scores: torch.Tensor, prep: _Prepared, size: Tuple[int, int]) -> torch.Tensor:
+    """``(B*h*w, K)`` score map -> ``(B*H*W, K)``: bilinear, ``align_corners=False`` (mmseg's ``resize``)."""
+    h, w = prep.size
+    b, k = prep.num_images, scores.shape[1]
+    z = scores.reshape(b, h, w, k).permute(0, 3, 1, 2)
+    z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+    return z.permute(0, 2, 3, 1).reshape(-1, k)
+
+
+@torch.no_grad()
+def _ohem_select(per_pixel: torch.Tensor, anchor: torch.Tensor, thresh: float, min_kept: int,
+                 num_images: int) -> torch.Tensor:
+    """mmseg's ``OHEMPixelSampler`` rule (with ``thresh``) on one score map; ``(M,)`` bool.
+
+    ``p_i = exp(-CE_i)`` is the true-class probability of the (masked) softmax of the
+    scores. Among the ``n`` anchors sorted by ``p``, ``t = max(p_(min(min_kept * B, n - 1)), thresh)``
+    (0-based order statistic; ``thresh`` alone when ``n = 0``); an anchor is kept when
+    ``p_i < t``. The order statistic is taken on this process's pixels (as mmseg does per GPU).
+    """
+    if per_pixel.numel() == 0:
+        return anchor
+    p = torch.exp(-per_pixel)
+    ranked = torch.where(anchor, p, torch.full_like(p, float("inf"))).sort().values
+    n = anchor.sum()
+    idx = torch.clamp(n - 1, min=0).clamp(max=min_kept * num_images)
+    order_stat = torch.where(n > 0, ranked[idx], torch.zeros_like(ranked[0]))
+    return anchor & (p < order_stat.clamp(min=thresh))
+
+
 def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tensor, *, tau: float,
           loss_weight: float, hard_weight: float, use_fn: bool, use_fp: bool, sets: str,
-          calibration: str) -> LossOutput:
+          calibration: str, prototype_grad: bool = False, labels: Optional[torch.Tensor] = None,
+          ignore_index: int = 255, ce_resolution: str = "embedding", ohem_thresh: Optional[float] = None,
+          ohem_min_kept: int = 100000, reduction: str = "anchors") -> LossOutput:
     if sets == "image" and prep.image is None:
         raise ValueError("`sets='image'` needs (B, E, h, w) embeddings; flat (N, E) inputs have no images")
     k = prep.num_classes
@@ -214,25 +283,32 @@ def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tens
             f"`prototypes` has dimension {prototypes.shape[1]}, `embeddings` have {emb.shape[1]} channels"
         )
     with no_autocast(emb):
-        proto = prototypes.detach().to(dtype=dt, copy=True)  # EMA state: never a gradient path
+        # EMA state: a gradient path only when asked for (prototype_grad: the released code's f_mem)
+        proto = prototypes.to(dt) if prototype_grad else prototypes.detach().to(dtype=dt, copy=True)
         pvalid = prototype_valid.detach().clone()
         dl = prep.dlabels
-        gt = dl.clamp(max=k - 1)
-        anchor = (dl < k) & pvalid[gt]
         emb_hat = F.normalize(emb, dim=1, eps=_NORM_EPS)
-        cos = emb_hat @ F.normalize(proto, dim=1, eps=_NORM_EPS).t()  # (N, K)
-        z = cos / tau
-        # classes without a prototype leave the softmax; non-anchor rows stay finite (masked later)
-        keep = pvalid[None, :] | ~anchor[:, None]
-        z = z.masked_fill(~keep, float("-inf"))
+        z = emb_hat @ F.normalize(proto, dim=1, eps=_NORM_EPS).t() / tau  # (N, K)
         onehot = F.one_hot(dl, k + 1)[:, :k].to(dt)
         base = hard_weight * (1.0 - prep.p_true)  # (1 - p_ik), detached (from logits.detach())
+        target = _ce_target(prep, pvalid, labels, ignore_index, ce_resolution)
+        gt = target.dlabels.clamp(max=k - 1)
+        # classes without a prototype leave the softmax; non-anchor rows stay finite (masked later)
+        keep = pvalid[None, :] | ~target.anchor[:, None]
+        total = torch.tensor(float(target.dlabels.numel()), dtype=dt, device=emb.device)
 
         def ce(calib: Optional[torch.Tensor]) -> torch.Tensor:
             zc = z if calib is None else z - onehot * (base * calib)[:, None]
+            if target.size is not None:
+                zc = _upsample_scores(zc, prep, target.size)
+            zc = zc.masked_fill(~keep, float("-inf"))
             per_pixel = torch.logsumexp(zc, dim=1) - zc.gather(1, gt[:, None])[:, 0]
-            per_pixel = torch.where(anchor, per_pixel, torch.zeros_like(per_pixel))
-            return loss_weight * global_mean(per_pixel.sum(), anchor.sum())
+            chosen = target.anchor
+            if ohem_thresh is not None:
+                chosen = _ohem_select(per_pixel.detach(), chosen, ohem_thresh, ohem_min_kept, target.num_images)
+            per_pixel = torch.where(chosen, per_pixel, torch.zeros_like(per_pixel))
+            count = chosen.sum() if reduction == "anchors" else total
+            return loss_weight * global_mean(per_pixel.sum(), count)
 
         phi = psi = None
         if use_fn or use_fp:
@@ -247,12 +323,14 @@ def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tens
 
 
 def _update(prep: _Prepared, prototypes: torch.Tensor, initialized: torch.Tensor, rho: float,
-            source: str = "tp") -> Tuple[torch.Tensor, torch.Tensor]:
+            source: str = "tp", differentiable: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EMA update from the TP (or GT) means. ``differentiable``: the new prototypes keep the
+    gradient path through this batch's means (in the compute dtype)."""
     with no_autocast(prep.emb):
         # "tp": true positives (the paper); "gt": every non-ignored pixel of the class (ablation)
         idx = _set_indices(prep)[0] if source == "tp" else prep.dlabels
-        new, init = ema_class_means(prep.emb, idx, prototypes, initialized, rho)
-        return new.to(prototypes.dtype), init
+        new, init = ema_class_means(prep.emb, idx, prototypes, initialized, rho, differentiable=differentiable)
+        return (new if differentiable else new.to(prototypes.dtype)), init
 
 
 # ------------------------------------------------------------------------ functional
@@ -273,12 +351,18 @@ def rch_loss(
     sets: str = "batch",
     calibration: str = "mean_of_cosines",
     ignore_index: int = 255,
+    prototype_grad: bool = False,
+    ce_resolution: str = "embedding",
+    ohem_thresh: Optional[float] = None,
+    ohem_min_kept: int = 100000,
+    reduction: str = "anchors",
     weight: Optional[float] = None,
 ) -> LossOutput:
     r"""RCH metric loss for given prototypes (METHODS.md section 4).
 
-    Inputs are brought to the embedding resolution ``(h, w)``: labels by nearest
-    sampling (floor rounding, see ``_common``); logits by bilinear interpolation
+    Inputs are brought to the embedding resolution ``(h, w)``: labels by torch's
+    ``nearest`` (row ``min(floor(fl(i * fl(H / h))), H - 1)`` in float32, see ``_common``;
+    mmseg's rule too); logits by bilinear interpolation
     (``align_corners=False``), after which ``p = softmax(z)`` and the prediction
     ``c = argmax(z)`` are taken. Per class ``k``:
     ``TP_k = {y=k, c=k}``, ``FN_k = {y=k, c!=k}``, ``FP_k = {y!=k, c=k}`` (ignored pixels in
@@ -298,6 +382,28 @@ def rch_loss(
 
     (``h`` = ``hard_weight``.) An anchor that is itself in ``FN_k`` counts in its own
     FN mean (``cos(e_i, e_i) = 1``), as the formula is written.
+
+    Options that reproduce the released mmsegmentation code (all off by default):
+
+    * ``ce_resolution="label"``: the two score maps ``S^c_il = cos_il/tau - [l = y_i] h (1 - p_ik) c_i``
+      (built at embedding resolution, with the embedding-resolution labels) are
+      upsampled bilinearly (``align_corners=False``) to the labels' ``(H, W)`` and both CEs
+      are taken there, against the full-resolution labels; anchors are then the
+      label-resolution pixels (non-ignored, with a valid prototype).
+    * ``ohem_thresh=t, ohem_min_kept=m``: mmseg's ``OHEMPixelSampler(thresh=t, min_kept=m)``
+      applied to each metric CE on its own score map: with ``q_i`` the true-class
+      softmax probability of anchor ``i`` and ``q_(0) <= q_(1) <= ...`` the ``n`` anchors
+      sorted, keep the anchors with ``q_i < max(q_(min(m * B, n - 1)), t)`` (``t`` when
+      ``n = 0``; ``B`` images, 1 for flat inputs). The order statistic is per process,
+      as mmseg's is per GPU; the selection carries no gradient.
+    * ``reduction="all_pixels"``: the CE sums are divided by the number of *all* pixels
+      at the CE's resolution (ignored and unselected pixels count as 0), as mmseg's
+      ``CrossEntropyLoss`` (``avg_non_ignore=False``); default ``"anchors"``: by the
+      number of anchors kept. An all-ignored batch gives 0 either way (the released code
+      gives NaN for an all-ignored image).
+    * ``prototype_grad=True``: ``prototypes`` are used with their autograd graph (pass
+      the output of ``rch_update_prototypes(..., differentiable=True)`` to get the
+      released code's gradient through this step's TP mean); default: detached.
 
     Switches (a switched-off calibration is replaced by 0, i.e. the plain true-class
     logit; both terms always exist, so the loss scale does not change across ablations):
@@ -341,16 +447,22 @@ def rch_loss(
         tau: temperature of the cosine logits (paper: 0.5).
         loss_weight: weight of each of the two CE terms (paper: lambda = 0.1); ``weight``,
             its old name, is accepted for one version with a ``DeprecationWarning``.
-        hard_weight: coefficient ``h`` of ``(1 - p_ik)`` (1 = the paper's equation: the
-            true-class logit is lowered by ``(1 - p) phi``). The released configs set their
-            coefficient to ``tau``; METHODS.md does not say whether it multiplies before or
-            after the division by ``tau`` (after: ``hard_weight = tau`` reproduces it;
-            before: it equals ``hard_weight = 1``).
+        hard_weight: coefficient ``h`` of ``(1 - p_ik)`` (1 = the paper's Eq. 8: the
+            true-class logit is lowered by ``(1 - p) phi``). The released code lowers it by
+            ``(alp / tmp) (1 - p) phi`` (it multiplies by ``alp``, then divides all logits by
+            ``tmp``); its configs set ``alp = tmp = 0.5``, i.e. ``hard_weight = 1``.
         use_fn, use_fp: the FN compensation and FP penalty switches (table above).
         sets: ``"batch"`` (default; the global batch) or ``"image"`` (per image, 4-D only).
+            The released code takes the FN/FP means per GPU and trains one image per GPU:
+            ``"image"`` reproduces it.
         calibration: ``"mean_of_cosines"`` (paper, default) or ``"cosine_to_mean"``
             (released code; the mean of the raw embeddings).
         ignore_index: label value of ignored pixels.
+        prototype_grad: keep the gradient path through ``prototypes`` (default False).
+        ce_resolution: ``"embedding"`` (default) or ``"label"`` (released).
+        ohem_thresh: OHEM probability threshold in ``[0, 1]``; ``None`` (default) = no OHEM.
+        ohem_min_kept: OHEM's ``min_kept`` per image (mmseg's default 100000).
+        reduction: ``"anchors"`` (default) or ``"all_pixels"`` (mmseg's mean).
 
     Returns:
         ``LossOutput(loss, {"fn": ..., "fp": ...})`` (weighted terms, dimensionless).
@@ -367,6 +479,7 @@ def rch_loss(
     """
     loss_weight = renamed("rch_loss", "weight", weight, "loss_weight", loss_weight, 0.1)
     _check_loss_args(tau, loss_weight, hard_weight, use_fn, use_fp, sets, calibration)
+    _check_ce_args(prototype_grad, ce_resolution, ohem_thresh, ohem_min_kept, reduction)
     check_same_device(embeddings=embeddings, logits=logits, labels=labels, prototypes=prototypes,
                       prototype_valid=prototype_valid)
     _check_prototypes(prototypes, prototype_valid, "prototype_valid")
@@ -375,7 +488,10 @@ def rch_loss(
     if prototype_valid is None:
         prototype_valid = torch.ones(num_classes, dtype=torch.bool, device=prototypes.device)
     return _loss(prep, prototypes, prototype_valid, tau=tau, loss_weight=loss_weight, hard_weight=hard_weight,
-                 use_fn=use_fn, use_fp=use_fp, sets=sets, calibration=calibration)
+                 use_fn=use_fn, use_fp=use_fp, sets=sets, calibration=calibration,
+                 prototype_grad=prototype_grad, labels=labels, ignore_index=ignore_index,
+                 ce_resolution=ce_resolution, ohem_thresh=ohem_thresh, ohem_min_kept=ohem_min_kept,
+                 reduction=reduction)
 
 
 def rch_update_prototypes(
@@ -388,6 +504,7 @@ def rch_update_prototypes(
     rho: float = 0.9,
     ignore_index: int = 255,
     source: str = "tp",
+    differentiable: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""TP-mean EMA update of the prototypes (pure: returns new tensors, no gradient).
 
@@ -397,7 +514,9 @@ def rch_update_prototypes(
     ``mu_k <- t_k`` (first sighting). Classes without TP pixels are untouched. Inputs
     are prepared as in :func:`rch_loss` (same sets, same resizing). ``source="gt"`` (the
     paper's ablation "ground-truth prototypes") averages every non-ignored pixel labelled
-    ``k`` instead of ``TP_k``.
+    ``k`` instead of ``TP_k``. ``differentiable=True`` keeps the gradient path from
+    ``embeddings`` through ``t_k`` (the released code's ``f_mem``; sums all-reduced with
+    autograd) and returns the prototypes in the compute dtype; default: no gradient.
 
     Returns:
         ``(new_prototypes (K, E) in the dtype of prototypes, new_initialized (K,) bool)``.
@@ -414,6 +533,7 @@ def rch_update_prototypes(
     """
     check_real("rho", rho, lo=0.0, hi=1.0, hi_open=True)
     check_choice("source", source, _SOURCES)
+    check_flag("differentiable", differentiable)
     check_same_device(embeddings=embeddings, logits=logits, labels=labels, prototypes=prototypes,
                       initialized=initialized)
     _check_prototypes(prototypes, initialized, "initialized")
@@ -423,7 +543,7 @@ def rch_update_prototypes(
         raise ValueError(
             f"`prototypes` has dimension {prototypes.shape[1]}, `embeddings` have {prep.emb.shape[1]} channels"
         )
-    return _update(prep, prototypes, initialized, rho, source)
+    return _update(prep, prototypes, initialized, rho, source, differentiable)
 
 
 # ---------------------------------------------------------------------------- module
@@ -442,14 +562,16 @@ class RCHLoss(Regularizer):
     :class:`pixreg.distributed.GlobalBatchNorm2d`: its statistics are global under DDP.
 
     In training mode each call also updates the prototypes (:func:`rch_update_prototypes`),
-    either before the loss is computed (``prototype_update="after"``: the loss sees the
-    prototypes *after* this step's update) or after it (``"before"``: the loss sees
-    the prototypes from before the update, as in the released code). Default
-    ``"after"``: the paper describes prototype clustering before error calibration and
-    never says the loss uses stale prototypes; a class seen for the first time takes
-    part in the loss at once (with ``"before"`` and an empty state the very first
-    step is 0); the difference otherwise is a ``(1 - rho)`` step of a detached buffer.
-    In eval mode the state is left untouched.
+    either before the loss is computed (``prototype_update="after"``, default: the loss
+    sees the prototypes *after* this step's update, as the released code does -- its
+    ``f_mem`` mixes the old buffer with this batch's TP mean -- and as the paper
+    describes, prototype clustering before error calibration) or after it (``"before"``:
+    the loss sees the prototypes from before the update; with an empty state the very
+    first step is 0). ``prototype_grad=True`` (needs ``"after"``) lets the gradient flow
+    into this batch's TP mean inside the updated prototypes, as in the released code
+    (the paper treats prototypes as constants: default False; the loss value is the
+    same, the gradient differs). In eval mode the state is left untouched and the
+    prototypes are constants.
 
     State (buffers, saved with ``state_dict``): ``prototypes (K, E)`` (zeros until
     a class is first seen; the released code starts from random values) and
@@ -465,7 +587,10 @@ class RCHLoss(Regularizer):
     code adds BN); ``sets="batch"`` (the paper says "of the input image": per image is
     the option ``"image"``), ``calibration="mean_of_cosines"`` (paper). The paper
     skips the head during warm-up: use the criterion's warm-up for that. The released
-    code's OHEM pixel selection is not reproduced. ``prototype_source="gt"`` builds the
+    code's CE at label resolution, OHEM pixel selection and mean over all pixels are the
+    options ``ce_resolution``, ``ohem_thresh``/``ohem_min_kept`` and ``reduction`` (see
+    :func:`rch_loss`); ``docs/recipes.md`` has the full released recipe and what still
+    differs. ``prototype_source="gt"`` builds the
     prototypes from all ground-truth pixels of a class instead of its true positives (the
     paper's Table 1 ablation; learnable prototypes, its other ablation, are not offered).
     """
@@ -492,6 +617,11 @@ class RCHLoss(Regularizer):
         prototype_source: str = "tp",
         head_norm: bool = False,
         ignore_index: int = 255,
+        prototype_grad: bool = False,
+        ce_resolution: str = "embedding",
+        ohem_thresh: Optional[float] = None,
+        ohem_min_kept: int = 100000,
+        reduction: str = "anchors",
         in_channels: Optional[int] = None,
         weight: Optional[float] = None,
     ) -> None:
@@ -506,6 +636,12 @@ class RCHLoss(Regularizer):
         check_choice("prototype_update", prototype_update, _UPDATES)
         check_choice("prototype_source", prototype_source, _SOURCES)
         check_flag("head_norm", head_norm)
+        _check_ce_args(prototype_grad, ce_resolution, ohem_thresh, ohem_min_kept, reduction)
+        if prototype_grad and prototype_update != "after":
+            raise ValueError(
+                "`prototype_grad=True` differentiates through this step's prototype update; "
+                f"it needs prototype_update='after', got {prototype_update!r}"
+            )
         self.embed_dim = embed_dim
         self.tau = float(tau)
         self.rho = float(rho)
@@ -517,6 +653,11 @@ class RCHLoss(Regularizer):
         self.calibration = calibration
         self.prototype_update = prototype_update
         self.prototype_source = prototype_source
+        self.prototype_grad = bool(prototype_grad)
+        self.ce_resolution = ce_resolution
+        self.ohem_thresh = None if ohem_thresh is None else float(ohem_thresh)
+        self.ohem_min_kept = ohem_min_kept
+        self.reduction = reduction
         self.head = nn.Conv2d(feature_dim, embed_dim, 1, bias=not head_norm)
         # BatchNorm over the global batch under torch.distributed (plain BatchNorm2d otherwise)
         self.norm: nn.Module = GlobalBatchNorm2d(embed_dim) if head_norm else nn.Identity()
@@ -538,9 +679,8 @@ class RCHLoss(Regularizer):
         return self.norm(out)[:, :, 0, 0]
 
     @torch.no_grad()
-    def _apply_update(self, prep: _Prepared) -> None:
-        new, init = _update(prep, self.prototypes, self.initialized, self.rho, self.prototype_source)
-        self.prototypes.copy_(new)
+    def _store(self, new: torch.Tensor, init: torch.Tensor) -> None:
+        self.prototypes.copy_(new.detach())
         self.initialized.copy_(init)
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -550,13 +690,21 @@ class RCHLoss(Regularizer):
         if self.sets == "image" and prep.image is None:
             raise ValueError("`sets='image'` needs (B, C, h, w) features; flat (N, C) inputs have no images")
         update = self.training
+        protos, with_grad = self.prototypes, False
         if update and self.prototype_update == "after":
-            self._apply_update(prep)
-        out = _loss(prep, self.prototypes, self.initialized, tau=self.tau, loss_weight=self.loss_weight,
+            with_grad = self.prototype_grad
+            protos, init = _update(prep, self.prototypes, self.initialized, self.rho, self.prototype_source,
+                                   differentiable=with_grad)
+            self._store(protos, init)
+            if not with_grad:
+                protos = self.prototypes
+        out = _loss(prep, protos, self.initialized, tau=self.tau, loss_weight=self.loss_weight,
                     hard_weight=self.hard_weight, use_fn=self.use_fn, use_fp=self.use_fp,
-                    sets=self.sets, calibration=self.calibration)
+                    sets=self.sets, calibration=self.calibration, prototype_grad=with_grad, labels=labels,
+                    ignore_index=self.ignore_index, ce_resolution=self.ce_resolution,
+                    ohem_thresh=self.ohem_thresh, ohem_min_kept=self.ohem_min_kept, reduction=self.reduction)
         if update and self.prototype_update == "before":
-            self._apply_update(prep)
+            self._store(*_update(prep, self.prototypes, self.initialized, self.rho, self.prototype_source))
         return self._record(out)
 
     def extra_repr(self) -> str:
@@ -565,5 +713,7 @@ class RCHLoss(Regularizer):
             f"tau={self.tau}, rho={self.rho}, loss_weight={self.loss_weight}, hard_weight={self.hard_weight}, "
             f"use_fn={self.use_fn}, use_fp={self.use_fp}, sets={self.sets!r}, "
             f"calibration={self.calibration!r}, prototype_update={self.prototype_update!r}, prototype_source={self.prototype_source!r}, "
-            f"ignore_index={self.ignore_index}"
+            f"ignore_index={self.ignore_index}, prototype_grad={self.prototype_grad}, "
+            f"ce_resolution={self.ce_resolution!r}, ohem_thresh={self.ohem_thresh}, "
+            f"ohem_min_kept={self.ohem_min_kept}, reduction={self.reduction!r}"
         )
