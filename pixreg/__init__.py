@@ -8,7 +8,7 @@ Losses (``nn.Module``): :class:`CPlus1Loss`, :class:`CARLoss`, :class:`LocallyAd
 The command line and training loop are in :mod:`pixreg.train` (extra ``pixreg[train]``).
 """
 from . import functional
-from .criterion import CriterionOutput, RegularizedCriterion, RegularizedModel, Term
+from .criterion import CriterionOutput, ModelLossOutput, RegularizedCriterion, RegularizedModel, Term
 from .hooks import FeatureCapture
 from .losses import CARLoss, CPlus1Loss, LocallyAdaptiveLoss, LossOutput, RCHLoss, Regularizer, make_regularizer
 from .losses._common import set_validation
@@ -18,6 +18,6 @@ __version__ = "0.2.0"
 __all__ = [
     "CPlus1Loss", "CARLoss", "LocallyAdaptiveLoss", "RCHLoss",
     "Regularizer", "LossOutput", "make_regularizer",
-    "Term", "CriterionOutput", "RegularizedCriterion", "RegularizedModel",
+    "Term", "CriterionOutput", "ModelLossOutput", "RegularizedCriterion", "RegularizedModel",
     "FeatureCapture", "functional", "set_validation",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from .losses._common import (
 )
 from .losses.base import Regularizer
 
-__all__ = ["Term", "CriterionOutput", "RegularizedCriterion", "RegularizedModel"]
+__all__ = ["Term", "CriterionOutput", "ModelLossOutput", "RegularizedCriterion", "RegularizedModel", "default_logits"]
 
 
 @dataclass(init=False)
@@ -46,6 +46,10 @@ class Term:
             torch's per-class ``weight`` tensor; mmsegmentation's name).
         warmup: number of training steps (criterion calls in training mode) during which
             the term is off: not computed, state not updated, reported as 0 (an int >= 0).
+            Its parameters (RCH's head, learnable centres, the projection) still enter the
+            total with a zero-valued contribution (``0 * sum(p)``), so they get a zero
+            gradient every step and DDP's reducer sees every parameter used (any
+            ``find_unused_parameters``).
         layer: which captured feature layer feeds it (default: the only one, or the
             tensor passed as ``features``).
         projection: optional training-only module applied to the features first (e.g. a
@@ -177,6 +181,17 @@ class RegularizedCriterion(nn.Module):
             feats = self.projections[name](to_parameter_dtype(feats, self.projections[name]))
         return feats
 
+    def _untouched_parameters(self, name: str) -> torch.Tensor:
+        """``0 * sum(p)`` over the trainable parameters of a term that is off (warm-up): a
+        zero value whose gradient is zero, so that every parameter takes part in every
+        backward pass (DDP with ``find_unused_parameters=False`` requires it) and the
+        optimiser treats them the same on every step and in every process."""
+        params = [p for mod in (self.losses[name], self.projections[name] if name in self.projections else None)
+                  if mod is not None for p in mod.parameters() if p.requires_grad]
+        if not params or not torch.is_grad_enabled():
+            return torch.zeros(())
+        return 0.0 * torch.stack([p.sum().float() for p in params]).sum()
+
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE over valid pixels (weighted mean with class weights); 0 when all are ignored.
 
@@ -250,6 +265,7 @@ class RegularizedCriterion(nn.Module):
                 evaluate(name)
         for name in self.specs:
             if name not in reg_values:  # still warming up
+                total = total + self._untouched_parameters(name)
                 terms[name] = total.new_zeros(()).detach()
                 continue
             total = total + reg_values[name]
@@ -258,24 +274,92 @@ class RegularizedCriterion(nn.Module):
         return CriterionOutput(total, terms)
 
 
+def default_logits(output: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor itself, ``output.logits`` (Hugging Face
+    ``ModelOutput``), ``output["out"]`` (torchvision segmentation models) or the first
+    element of a tuple/list (smp models with ``aux_params``: ``(masks, labels)``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("out"), torch.Tensor):
+        return output["out"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; pass `logits_fn`"
+    )
+
+
+class ModelLossOutput(NamedTuple):
+    """What ``RegularizedModel(images, labels)`` returns: ``total`` (scalar to
+    backpropagate) and ``terms`` as in :class:`CriterionOutput`, and ``output``, the
+    model's own output (logits, or e.g. a Hugging Face ``ModelOutput``), for metrics."""
+
+    total: torch.Tensor
+    terms: Dict[str, torch.Tensor]
+    output: Any
+
+
 class RegularizedModel(nn.Module):
     """A model plus a criterion fed by hooks on the model's layers.
 
-    ``forward`` is the model's own forward (same output); the hooks record the
-    features of ``layers``; ``loss(logits, labels)`` evaluates the criterion on them.
+    Args:
+        model: the segmentation network.
+        criterion: the :class:`RegularizedCriterion`.
+        layers: module name(s) in ``model`` whose output feeds the feature regularizers.
+        logits_fn: model output -> logits ``(B, K, h, w)`` (default :func:`default_logits`:
+            a tensor, ``.logits``, ``["out"]`` or the first element of a tuple).
+
+    ``forward(images, labels=None, **kwargs)``:
+
+    * without ``labels``: the model's own forward, ``model(images, **kwargs)`` (same
+      output); the hooks record the features of ``layers``, and
+      ``loss(logits, labels)`` evaluates the criterion on them afterwards;
+    * with ``labels``: forward *and* criterion in one call, returning a
+      :class:`ModelLossOutput` ``(total, terms, output)``. This is the form to use under
+      ``DistributedDataParallel``: the whole loss (and so every criterion parameter) is
+      computed inside the wrapped module's ``forward``, which DDP needs with
+      ``find_unused_parameters=True``; with ``False`` it also works, because terms that
+      are still warming up touch their parameters with a zero contribution.
+      ``kwargs`` go to the model (e.g. ``pixel_values=`` for Hugging Face models,
+      then ``images`` may be omitted).
+
     ``unwrap()`` removes the hooks and returns the original model, which then has
     exactly the parameters and outputs it would have had without pixreg. Training-only
     heads live in ``criterion`` and are not part of the returned model.
+
+    >>> import torch, pixreg
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    >>> crit = pixreg.RegularizedCriterion({"rch": pixreg.Term(pixreg.RCHLoss(4, 8), warmup=2)})
+    >>> wrapped = pixreg.RegularizedModel(net, crit, layers="1")
+    >>> out = wrapped(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8)))
+    >>> out.total.backward()          # the RCH head gets a zero gradient during its warm-up
+    >>> float(out.terms["rch"]), tuple(out.output.shape)
+    (0.0, (2, 4, 8, 8))
     """
 
-    def __init__(self, model: nn.Module, criterion: RegularizedCriterion, layers: Union[str, Sequence[str]]) -> None:
+    def __init__(self, model: nn.Module, criterion: RegularizedCriterion, layers: Union[str, Sequence[str]],
+                 logits_fn: Callable[[Any], torch.Tensor] = default_logits) -> None:
         super().__init__()
+        if not isinstance(criterion, RegularizedCriterion):
+            raise TypeError(f"`criterion` must be a pixreg RegularizedCriterion, got {type(criterion).__name__}")
         self.model = model
         self.criterion = criterion
         self.capture = FeatureCapture(model, layers)
+        self.logits_fn = logits_fn
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any):
+        output = self.model(**kwargs) if images is None else self.model(images, **kwargs)
+        if labels is None:
+            return output
+        try:
+            out = self.loss(self.logits_fn(output), labels)
+        finally:
+            self.capture.clear()  # do not keep this step's graph alive
+        return ModelLossOutput(out.total, out.terms, output)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> CriterionOutput:
         needs = any(m.uses_features for m in self.criterion.losses.values())

@@ -35,6 +35,7 @@ def _installed(name: str) -> bool:
 
 
 HAS_TRANSFORMERS = _installed("transformers")
+HAS_HF_TRAINER = HAS_TRANSFORMERS and _installed("accelerate")
 HAS_LIGHTNING = _installed("lightning") or _installed("pytorch_lightning")
 needs_transformers = pytest.mark.skipif(
     not HAS_TRANSFORMERS, reason="Hugging Face transformers is not installed (pip install 'pixreg[segformer]')")
@@ -421,8 +422,9 @@ def test_lightning_defaults_read_common_batches_and_outputs():
         logits = x
 
     assert default_logits(Out()) is x
+    assert default_logits((x, y)) is x  # smp with aux_params: (masks, labels)
     with pytest.raises(TypeError):
-        default_logits([x])
+        default_logits(["x"])
 
 
 @needs_lightning
@@ -484,23 +486,31 @@ def test_lightning_example_runs(tmp_path):
 
 def _doc_blocks():
     text = (ROOT / "docs" / "integrations.md").read_text()
-    blocks = re.findall(r"(<!-- (\w+) -->\n)?```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"(<!-- ([\w-]+) -->\n)?```python\n(.*?)```", text, flags=re.S)
     return [(marker, code) for _, marker, code in blocks]
 
 
 def test_docs_code_blocks_run(tmp_path, monkeypatch):
-    """Every python block in docs/integrations.md runs as written, except blocks marked
-    ``<!-- notrun -->`` (other libraries) and those needing a missing optional extra."""
+    """Every python block in docs/integrations.md is marked and runs as written here, except
+    the torchrun scripts (``ddp``, ``lightning-ddp``: tests/test_ddp_user_loop.py runs them
+    with 1 and 2 processes), the ``zoo`` blocks (run by tests/integrations_zoo in
+    .venv-integrations; only compiled here) and blocks needing a missing optional extra."""
     monkeypatch.chdir(tmp_path)  # blocks may write files
     blocks = _doc_blocks()
     markers = [m for m, _ in blocks]
     assert markers.count("plain") == 1 and markers.count("segformer") == 1 and markers.count("lightning") == 2
-    assert set(markers) == {"plain", "segformer", "lightning", "notrun"}, markers  # every block is marked
+    assert markers.count("ddp") == 1 and markers.count("lightning-ddp") == 1
+    assert markers.count("hf-trainer") == 1
+    assert markers.count("zoo") == 2  # run by tests/integrations_zoo in .venv-integrations
+    assert set(markers) == {"plain", "ddp", "lightning-ddp", "segformer", "hf-trainer", "lightning", "zoo"}, markers
     for marker, code in blocks:
-        if marker == "notrun":
-            compile(code, "docs/integrations.md[notrun]", "exec")  # at least valid Python
+        if marker in ("ddp", "lightning-ddp"):  # a torchrun script: tests/test_ddp_user_loop.py runs it with 1 and 2 processes
             continue
-        if marker == "segformer" and not HAS_TRANSFORMERS or marker == "lightning" and not HAS_LIGHTNING:
+        if marker == "zoo":
+            compile(code, "docs/integrations.md[zoo]", "exec")  # at least valid Python
+            continue
+        if (marker == "segformer" and not HAS_TRANSFORMERS or marker == "hf-trainer" and not HAS_HF_TRAINER
+                or marker == "lightning" and not HAS_LIGHTNING):
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -49,28 +49,13 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "install pixreg's 'lightning' extra (pip install -e '.[lightning]' in a checkout) or pip install lightning"
         ) from exc
 
-from ..criterion import RegularizedCriterion
+from ..criterion import RegularizedCriterion, default_logits
 from ..hooks import FeatureCapture
 
 __all__ = ["PixregMixin", "PixregLightningModule", "default_logits", "default_batch"]
 
 _IMAGE_KEYS = ("pixel_values", "image", "images", "x", "input")
 _LABEL_KEYS = ("labels", "label", "mask", "masks", "y", "target")
-
-
-def default_logits(output: Any) -> torch.Tensor:
-    """The logits in a model's output: a tensor itself, ``output.logits`` (Hugging Face
-    ``ModelOutput``) or ``output["out"]`` (torchvision segmentation models)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("out"), torch.Tensor):
-        return output["out"]
-    raise TypeError(
-        f"cannot find logits in a model output of type {type(output).__name__}; pass `logits_fn`"
-    )
 
 
 def default_batch(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
