@@ -146,20 +146,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .train import dist as dist_utils
-    from .train.checkpoint import load_checkpoint, load_state
-    from .train.config import resolve_config
-    from .train.trainer import build_run, evaluate, make_dataset, write_json
+    from .train.evaluation import evaluate
+    from .train.run import load_run, make_dataset, resolve_checkpoint, run_config, write_json
 
-    cfg_file = os.path.join(args.run, "config.yaml")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{cfg_file} not found (is {args.run!r} a run folder?)")
-    cfg = resolve_config(cfg_file, _overrides(args), device=args.device, threads=args.threads)
+    cfg = run_config(args.run, _overrides(args), device=args.device, threads=args.threads)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    ckpt_path = args.checkpoint
-    if ckpt_path in ("last", "best"):
-        ckpt_path = os.path.join(args.run, "checkpoints", f"{ckpt_path}.pt")
-    ckpt = load_checkpoint(ckpt_path, map_location="cpu", required=("model", "step"))
+    resolve_checkpoint(args.run, args.checkpoint)  # a missing file fails before any work
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits is not None else \
         list(cfg["data"]["test_splits"]) + [cfg["data"]["val_split"]]
     if not splits:
@@ -172,18 +165,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--splits: split {split!r} of dataset {cfg['data']['name']!r}: {err}") from err
     ctx = dist_utils.setup(cfg["device"])
     try:
-        first = datasets[splits[0]]
-        model, _, _ = build_run(cfg, first.num_classes, first.ignore_index, getattr(first, "background_index", None), ctx.device)
-        load_state(model, ckpt["model"], ckpt_path)
-        results = {}
-        for split in splits:
-            ds = datasets[split]
-            results[split] = evaluate(model, ds, batch_size=int(cfg["eval"]["batch_size"]), device=ctx.device,
-                                      num_workers=int(cfg["data"]["num_workers"]), amp=bool(cfg["train"]["amp"]),
-                                      progress=not args.no_progress, desc=f"eval {split}", ctx=ctx)
-        out = {"checkpoint": os.path.abspath(ckpt_path), "step": int(ckpt["step"]), "splits": results}
+        run = load_run(args.run, checkpoint=args.checkpoint, device=str(ctx.device), dataset=datasets[splits[0]], cfg=cfg,
+                       load_criterion=False)
+        results = {split: evaluate(run.model, ds, batch_size=int(cfg["eval"]["batch_size"]), device=ctx.device,
+                                   num_workers=int(cfg["data"]["num_workers"]), amp=bool(cfg["train"]["amp"]),
+                                   progress=not args.no_progress, desc=f"eval {split}", ctx=ctx)
+                   for split, ds in datasets.items()}
+        out = {"checkpoint": run.checkpoint, "step": run.step, "splits": results}
         if ctx.is_main:
-            name = os.path.splitext(os.path.basename(ckpt_path))[0]
+            name = os.path.splitext(os.path.basename(run.checkpoint))[0]
             json_path = args.json or os.path.join(args.run, f"eval_{name}.json")
             write_json(out, json_path)
             _print_metrics(results, header=f"{args.run} ({name}, step {out['step']}) -> {json_path}")

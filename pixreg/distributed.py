@@ -69,6 +69,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = [
     "is_distributed", "world_size", "all_reduce_sum", "all_reduce_sum_no_grad",
     "GlobalBatchNorm", "GlobalBatchNorm1d", "GlobalBatchNorm2d", "GlobalBatchNorm3d", "convert_global_batchnorm",
+    "sync_batchnorm",
 ]
 
 
@@ -196,3 +197,16 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
         if new is not child:
             out.add_module(name, new)
     return out
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with global-batch BatchNorm: the one place where the kind is chosen.
+
+    On CUDA ``torch.nn.SyncBatchNorm`` (NCCL kernels); on any other device pixreg's
+    :class:`GlobalBatchNorm` (``SyncBatchNorm`` refuses CPU tensors). Both give the
+    statistics of the global batch, with gradient, under ``torch.distributed``; without a
+    process group both behave as ``BatchNorm``.
+    """
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_global_batchnorm(module)

@@ -15,9 +15,9 @@ from torch import nn
 
 
 def capture_builds(built: Dict[str, nn.Module]):
-    """Wrap ``pixreg.train.trainer.build_run`` so that ``built`` receives the run's model and
-    criterion; returns ``(trainer module, original build_run)`` to restore it."""
-    import pixreg.train.trainer as trainer
+    """Wrap ``pixreg.train.run.build_run`` so that ``built`` receives the run's model and
+    criterion; returns ``(run module, original build_run)`` to restore it."""
+    import pixreg.train.run as trainer
 
     original = trainer.build_run
 

@@ -252,6 +252,8 @@ def test_bad_checkpoints_are_one_line_naming_the_file(tmp_path, run, cache, caps
         line = one_line_error(capsys, code, str(path), EXPECTED[kind])
         assert "weights_only=False" not in line and "weights_only` set to `False" not in line, line
     assert not (tmp_path / "pwned").exists()  # the pickled call never ran
+    code = main(["eval", run, "--splits", "val,nope", "--no-progress", "--set", f"data.cache_dir={cache}"])
+    one_line_error(capsys, code, "--splits", "'nope'")
     with pytest.raises(CheckpointError, match="not a pixreg checkpoint"):  # a ValueError, for library callers
         load_checkpoint(paths["state_dict"], required=("model",))
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -270,12 +272,16 @@ def test_stale_temporaries_are_removed_when_a_run_starts_or_resumes(run, cache, 
     assert main(["train", "--out", run, "--resume", "--no-progress"] + set_args(tiny(cache, steps=4))) == 0
     assert [p for p in planted if os.path.exists(p)] == [] and all(os.path.exists(p) for p in kept)
     assert "removed" in capsys.readouterr().out
-    # a new run in a folder with leftovers (e.g. killed before its first checkpoint) cleans them too
+    # a run killed before its first checkpoint: starting it again cleans its leftovers too
     fresh = tmp_path / "fresh"
     (fresh / "checkpoints").mkdir(parents=True)
+    (fresh / "config.yaml").write_text(open(os.path.join(run, "config.yaml")).read())
     (fresh / "checkpoints" / ".last.pt.tmp42").write_text("x")
     (fresh / "val.csv.tmp").write_text("x")
-    assert remove_stale_temporaries(fresh) == [str(fresh / "val.csv.tmp"), str(fresh / "checkpoints" / ".last.pt.tmp42")]
+    assert main(["train", "--out", str(fresh), "--resume", "--no-progress"] + set_args(tiny(cache, steps=4))) == 0
+    assert not (fresh / "val.csv.tmp").exists() and not (fresh / "checkpoints" / ".last.pt.tmp42").exists()
+    (fresh / "checkpoints" / ".best.pt.tmp1").write_text("x")
+    assert remove_stale_temporaries(fresh) == [str(fresh / "checkpoints" / ".best.pt.tmp1")]
 
 
 # ----------------------------------------------------------------------------- degenerate runs

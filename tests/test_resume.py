@@ -168,3 +168,89 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(path)["rng"])  # loads with weights_only=True
     got = (random.random(), float(np.random.randn()), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at a chosen moment of a checkpoint write (in-process: deterministic)."""
+
+
+@pytest.mark.parametrize("moment", ["after_last", "after_best"])
+def test_a_run_killed_around_a_validation_keeps_the_right_best_model(tmp_path, cache, monkeypatch, moment):
+    """At a step with a validation and a checkpoint, the validation comes first and last.pt is
+    written after it, so a run killed right after that write (or between the best.pt and the
+    last.pt write) resumes to the same best.pt, val.csv and metrics as an uninterrupted run.
+    The kill point comes from a reference run: the last validation before the end that set
+    a new best (so the test stays meaningful when the numbers change)."""
+    from pixreg.train import run as run_mod
+    from pixreg.train.config import resolve_config
+    from pixreg.train.trainer import train
+
+    cfg = resolve_config(None, tiny(cache) + ["train.eval_every=2"], method="car", seed=1)
+    quiet = dict(progress=False, log=lambda s: None)
+    ref = str(tmp_path / "ref")
+    m_ref = train(cfg, ref, **quiet)
+    val_ref = list(csv.DictReader(open(os.path.join(ref, "val.csv"))))
+    best_so_far, kill = -1.0, None
+    for row in val_ref:
+        if float(row["mIoU"]) > best_so_far:
+            best_so_far = float(row["mIoU"])
+            kill = int(row["step"]) if int(row["step"]) < STEPS else kill
+    assert kill is not None and kill % 2 == 0
+
+    real_save = run_mod.atomic_save
+    target = "last.pt" if moment == "after_last" else "best.pt"
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if os.path.basename(path) == target and obj["step"] == kill:
+            raise _Killed
+
+    killed = str(tmp_path / "killed")
+    monkeypatch.setattr(run_mod, "atomic_save", save_then_die)
+    with pytest.raises(_Killed):
+        train(cfg, killed, **quiet)
+    monkeypatch.setattr(run_mod, "atomic_save", real_save)
+    assert not os.path.exists(os.path.join(killed, "metrics.json"))
+    m_res = train(cfg, killed, resume=True, **quiet)
+
+    resumed = kill if moment == "after_last" else (kill - 2 or None)
+    assert m_res["resumed_from"] == resumed
+    assert m_res["best"] == m_ref["best"] and m_res["splits"] == m_ref["splits"]
+    assert list(csv.DictReader(open(os.path.join(killed, "val.csv")))) == val_ref
+    for name in ("best.pt", "last.pt"):
+        a, b = (load_checkpoint(os.path.join(r, "checkpoints", name)) for r in (ref, killed))
+        assert a["step"] == b["step"] and a["best"] == b["best"]
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), f"{name}: {key} differs"
+    assert load_checkpoint(os.path.join(killed, "checkpoints", "best.pt"))["val_metrics"] == \
+        load_checkpoint(os.path.join(ref, "checkpoints", "best.pt"))["val_metrics"]
+
+
+def test_run_creation_is_two_phase_and_load_run_reads_it_back(tmp_path, cache):
+    """plan_run checks everything and writes nothing; open_run_folder is the first write;
+    load_run rebuilds the trained model from the folder (last or best checkpoint)."""
+    from pixreg.train.config import resolve_config
+    from pixreg.train.dist import DistContext
+    from pixreg.train.run import RunPaths, load_run, open_run_folder, plan_run, resolve_checkpoint
+    from pixreg.train.trainer import train
+
+    cfg = resolve_config(None, tiny(cache) + ["train.steps=2"], method="rch")
+    run_dir = str(tmp_path / "new" / "run")
+    ctx = DistContext()
+    plan = plan_run(cfg, run_dir, resume=False, overwrite=False, ctx=ctx, log=lambda s: None)
+    assert plan.action == "new" and not os.path.exists(run_dir)
+    bad = resolve_config(None, tiny(cache) + ["train.steps=2", "data.test_splits=[nope]"], method="rch")
+    with pytest.raises(ValueError, match="data.test_splits"):
+        plan_run(bad, run_dir, resume=False, overwrite=False, ctx=ctx, log=lambda s: None)
+    assert not os.path.exists(run_dir)
+    open_run_folder(plan, cfg, ctx, log=lambda s: None)
+    paths = RunPaths(run_dir)
+    assert os.path.isdir(paths.checkpoints) and os.path.isfile(paths.config)
+
+    metrics = train(cfg, str(tmp_path / "trained"), progress=False, log=lambda s: None)
+    run = load_run(str(tmp_path / "trained"), checkpoint="best")
+    assert run.step == metrics["best"]["step"] and not run.model.training
+    assert run.checkpoint == os.path.abspath(resolve_checkpoint(str(tmp_path / "trained"), "best"))
+    assert "rch" in run.criterion.losses
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_run(str(tmp_path / "trained"), checkpoint=str(tmp_path / "nope.pt"))

@@ -1,4 +1,5 @@
 """Regularizer losses: one module per method, each a functional + nn.Module pair."""
+from ._common import resize_labels
 from .base import LossOutput, Regularizer
 from .car import CARLoss, car_loss
 from .cplus1 import CPlus1Loss, cplus1_loss, update_moving_average_centres
@@ -11,5 +12,5 @@ __all__ = [
     "CPlus1Loss", "CARLoss", "LocallyAdaptiveLoss", "RCHLoss",
     "cplus1_loss", "update_moving_average_centres", "car_loss", "locally_adaptive_loss",
     "rch_loss", "rch_update_prototypes",
-    "REGULARIZERS", "make_regularizer", "regularizer_class",
+    "REGULARIZERS", "make_regularizer", "regularizer_class", "resize_labels",
 ]

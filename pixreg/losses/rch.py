@@ -22,7 +22,6 @@ Functional API: :func:`rch_loss` (the metric loss for given prototypes) and
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -55,7 +54,7 @@ from ._common import (
 )
 from .base import LossOutput, Regularizer
 
-__all__ = ["rch_loss", "rch_update_prototypes", "RCHLoss"]
+__all__ = ["rch_loss", "rch_update_prototypes", "rch_calibration", "RCHLoss"]
 
 _SETS = ("batch", "image")
 _CALIBRATIONS = ("mean_of_cosines", "cosine_to_mean")
@@ -544,6 +543,51 @@ def rch_update_prototypes(
             f"`prototypes` has dimension {prototypes.shape[1]}, `embeddings` have {prep.emb.shape[1]} channels"
         )
     return _update(prep, prototypes, initialized, rho, source, differentiable)
+
+
+@torch.no_grad()
+def rch_calibration(
+    embeddings: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    calibration: str = "mean_of_cosines",
+    sets: str = "batch",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The per-pixel FN compensation ``phi`` and FP penalty ``psi`` of :func:`rch_loss` (no gradient).
+
+    With the sets ``FN_k``/``FP_k`` of :func:`rch_loss` (over the global batch, or the pixel's
+    own image with ``sets="image"``), for a non-ignored pixel ``i`` labelled ``k``:
+    ``phi_i = 1 - m^FN_i`` and ``psi_i = 1 + m^FP_i`` (0 when the set is empty), ``m`` the
+    mean of cosines (``"mean_of_cosines"``) or the cosine to the set's mean
+    (``"cosine_to_mean"``). Inputs are prepared as in :func:`rch_loss`.
+
+    Returns:
+        ``(phi, psi)``, each ``(N,)`` over the pixels at embedding resolution (``N = B*h*w``
+        in ``(b, y, x)`` order for 4-D embeddings), ``NaN`` at ignored pixels.
+
+    Example:
+        >>> import torch
+        >>> e, z = torch.randn(1, 8, 4, 4), torch.randn(1, 3, 4, 4)
+        >>> phi, psi = rch_calibration(e, z, torch.randint(0, 3, (1, 4, 4)), 3, sets="image")
+        >>> phi.shape, bool(((phi >= 0) & (phi <= 2)).all())
+        (torch.Size([16]), True)
+    """
+    check_choice("calibration", calibration, _CALIBRATIONS)
+    check_choice("sets", sets, _SETS)
+    prep = _prepare(embeddings, logits, labels, check_int("num_classes", num_classes, lo=1), ignore_index)
+    if sets == "image" and prep.image is None:
+        raise ValueError("`sets='image'` needs (B, E, h, w) embeddings; flat (N, E) inputs have no images")
+    with no_autocast(prep.emb):
+        emb_hat = F.normalize(prep.emb, dim=1, eps=_NORM_EPS)
+        _, fn, fp = _set_indices(prep)
+        valid = prep.dlabels < num_classes
+        phi = _calibration(prep.emb, emb_hat, fn, prep, sets, calibration, -1.0)
+        psi = _calibration(prep.emb, emb_hat, fp, prep, sets, calibration, +1.0)
+    nan = torch.full_like(phi, float("nan"))
+    return torch.where(valid, phi, nan), torch.where(valid, psi, nan)
 
 
 # ---------------------------------------------------------------------------- module

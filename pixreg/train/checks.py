@@ -61,7 +61,7 @@ def check_datasets(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     dataset cache, so this costs nothing extra) and check what depends on them. Errors
     name the configuration key: ``data.test_splits: 'nope': ...``. Returns the datasets
     by split."""
-    from .trainer import make_dataset
+    from .build import make_dataset
 
     d = cfg["data"]
     keyed = [("data.train_split", d["train_split"], True), ("data.val_split", d["val_split"], False)]
@@ -86,7 +86,7 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
     (:func:`check_datasets`) and the method, built once on the CPU so that every constructor
     check runs (its errors name ``methods.<name>``)."""
     train_ds = check_datasets(cfg)["__train__"]
-    from .trainer import build_run
+    from .build import build_run
 
     build_run(cfg, int(train_ds.num_classes), int(train_ds.ignore_index),
               getattr(train_ds, "background_index", None), torch.device("cpu"))

@@ -31,7 +31,9 @@ from .config import resolve_config
 from .methods import method_slug
 from .metrics import LOWER_IS_BETTER, METRIC_NAMES
 from .stats import DETECTABLE_NAME, INTERVAL_NAME, mean_std, paired_interval, seeds_needed, verdict
-from .trainer import progress_bar, train, write_json
+from .evaluation import progress_bar
+from .run import write_json
+from .trainer import train
 
 __all__ = ["compare", "summarize", "render_markdown", "plot_per_class"]
 

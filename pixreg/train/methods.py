@@ -182,82 +182,105 @@ def build_criterion(
         at least the model's ``feature_layer``, so that hooks can be set up uniformly).
     """
     options = options or {}
-    names = parse_method(spec)
     terms: Dict[str, Term] = {}
     default_layer = getattr(model, "feature_layer", None)
     layers: List[str] = [default_layer] if default_layer else []
-    for name in names:
-        opts = resolve_method_options(name, options.get(name))
-        cls = loss_class(name)
-        loss_weight = opts.pop("loss_weight")
-        warmup = opts.pop("warmup", 0)
-        layer = opts.pop("layer", None) or default_layer
-        projection = opts.pop("projection", None)
-        projection_dim = opts.pop("projection_dim", None)
-        uses_features = bool(getattr(cls, "uses_features", True))
-        if uses_features and not layer:
-            raise ValueError(f"method {name!r} needs features: the model has no `feature_layer`; set methods.{name}.layer")
-        feat_dim = None
-        if uses_features:
-            if layer == default_layer and hasattr(model, "feature_dim"):
-                feat_dim = int(model.feature_dim)
-            else:
-                feat_dim = _probe_channels(model, layer, getattr(model, "in_channels", 3))
-            if layer not in layers:
-                layers.append(layer)
-        proj_module = None
-        if projection not in (None, False, "none"):
-            if not uses_features:
-                raise ValueError(f"methods.{name}.projection: {name!r} does not use features")
-            if projection not in _PROJECTION_KERNELS:
-                raise ValueError(f"methods.{name}.projection must be null, 'conv1x1' or 'conv3x3', got {projection!r}")
-            out_dim = int(projection_dim or feat_dim)
-            kernel = _PROJECTION_KERNELS[projection]
-            proj_module = nn.Conv2d(feat_dim, out_dim, kernel, padding=kernel // 2)
-            feat_dim = out_dim
-        accepted, var_kw = _accepts(cls)
-        own_weight = "loss_weight" in accepted
-        accepted -= {"loss_weight", "weight", "feat_dim", "in_channels"}  # the term's, or deprecated
-        unknown = sorted(k for k in opts if k not in accepted)
-        if unknown and not var_kw:
-            raise ValueError(
-                f"methods.{name}: unknown option(s) {unknown}; {cls.__name__} accepts "
-                f"{sorted(a for a in accepted if a not in ('num_classes',))} plus {list(RESERVED)}"
-            )
-        kwargs: Dict[str, Any] = dict(opts)
-        if own_weight:
-            kwargs["loss_weight"] = 1.0  # the term's loss_weight is the one multiplier
-        kwargs.setdefault("num_classes", int(num_classes))
-        kwargs.setdefault("ignore_index", int(ignore_index))
-        if uses_features:
-            kwargs.setdefault("feature_dim", feat_dim)
-        if name == "cplus1":
-            if "background_index" not in kwargs:
-                if background_index is None:
-                    raise ValueError(
-                        "method 'cplus1' needs a background class, and this dataset has none "
-                        "(background_index=None, e.g. CamVid). Set methods.cplus1.background_index "
-                        "to the class to treat as background (e.g. --set methods.cplus1.background_index=0), "
-                        "or leave cplus1 out."
-                    )
-                kwargs["background_index"] = int(background_index)
-            if kwargs.get("centres") == "classifier" and "classifier" not in kwargs:
-                if proj_module is not None:
-                    raise ValueError("methods.cplus1: centres='classifier' cannot be combined with a projection")
-                if layer != default_layer:
-                    raise ValueError("methods.cplus1: centres='classifier' needs the classifier's input layer (model.feature_layer)")
-                kwargs["classifier"] = model.get_submodule(model.classifier_layer)
-        try:
-            loss = cls(**kwargs)
-        except TypeError as err:
-            raise ValueError(f"methods.{name}: cannot build {cls.__name__}({kwargs}): {err}") from err
-        except ValueError as err:  # the constructor's own checks: name the configuration key
-            raise ValueError(f"methods.{name}: {err}") from err
-        try:
-            terms[name] = Term(loss, loss_weight=loss_weight, warmup=warmup, layer=layer, projection=proj_module)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"methods.{name}: {err}") from err
+    for name in parse_method(spec):
+        terms[name] = _build_term(name, dict(resolve_method_options(name, options.get(name))), model, layers,
+                                  num_classes=num_classes, ignore_index=ignore_index, background_index=background_index)
     if class_weight is not None and len(class_weight) != num_classes:
         raise ValueError(f"class_weight must have one entry per class ({num_classes}), got {len(class_weight)}")
     criterion = RegularizedCriterion(terms, ce_weight=ce_weight, ignore_index=ignore_index, class_weight=class_weight)
     return criterion, layers
+
+
+def _build_term(name: str, opts: Dict[str, Any], model: nn.Module, layers: List[str], *, num_classes: int,
+                ignore_index: int, background_index: Optional[int]) -> Term:
+    """The :class:`Term` of method ``name`` from its resolved options (``layers`` gets its layer)."""
+    cls = loss_class(name)
+    loss_weight, warmup = opts.pop("loss_weight"), opts.pop("warmup", 0)
+    default_layer = getattr(model, "feature_layer", None)
+    layer = opts.pop("layer", None) or default_layer
+    projection, projection_dim = opts.pop("projection", None), opts.pop("projection_dim", None)
+    feat_dim, proj_module = None, None
+    if cls.uses_features:
+        if not layer:
+            raise ValueError(f"method {name!r} needs features: the model has no `feature_layer`; set methods.{name}.layer")
+        feat_dim = _feature_width(model, layer)
+        if layer not in layers:
+            layers.append(layer)
+    if projection not in (None, False, "none"):
+        proj_module = _projection(name, projection, projection_dim, feat_dim)
+        feat_dim = proj_module.out_channels
+    kwargs = _loss_kwargs(name, cls, opts, num_classes=num_classes, ignore_index=ignore_index, feature_dim=feat_dim)
+    if name == "cplus1":
+        _cplus1_defaults(kwargs, model, background_index, proj_module is not None, layer == default_layer)
+    try:
+        loss = cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"methods.{name}: cannot build {cls.__name__}({kwargs}): {err}") from err
+    except ValueError as err:  # the constructor's own checks: name the configuration key
+        raise ValueError(f"methods.{name}: {err}") from err
+    try:
+        return Term(loss, loss_weight=loss_weight, warmup=warmup, layer=layer, projection=proj_module)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"methods.{name}: {err}") from err
+
+
+def _feature_width(model: nn.Module, layer: str) -> int:
+    if layer == getattr(model, "feature_layer", None) and hasattr(model, "feature_dim"):
+        return int(model.feature_dim)
+    return _probe_channels(model, layer, getattr(model, "in_channels", 3))
+
+
+def _projection(name: str, projection: Any, projection_dim: Optional[int], feat_dim: Optional[int]) -> nn.Conv2d:
+    """The training-only conv ``methods.<name>.projection`` in front of the loss."""
+    if feat_dim is None:
+        raise ValueError(f"methods.{name}.projection: {name!r} does not use features")
+    if projection not in _PROJECTION_KERNELS:
+        raise ValueError(f"methods.{name}.projection must be null, 'conv1x1' or 'conv3x3', got {projection!r}")
+    kernel = _PROJECTION_KERNELS[projection]
+    return nn.Conv2d(feat_dim, int(projection_dim or feat_dim), kernel, padding=kernel // 2)
+
+
+def _loss_kwargs(name: str, cls: type, opts: Mapping[str, Any], *, num_classes: int, ignore_index: int,
+                 feature_dim: Optional[int]) -> Dict[str, Any]:
+    """The constructor arguments: the options (checked against the signature) and what the
+    model and dataset determine; the loss's own ``loss_weight`` is 1 (the term's is the one)."""
+    accepted, var_kw = _accepts(cls)
+    own_weight = "loss_weight" in accepted
+    accepted -= {"loss_weight", "weight", "feat_dim", "in_channels"}  # the term's, or deprecated
+    unknown = sorted(k for k in opts if k not in accepted)
+    if unknown and not var_kw:
+        raise ValueError(
+            f"methods.{name}: unknown option(s) {unknown}; {cls.__name__} accepts "
+            f"{sorted(a for a in accepted if a not in ('num_classes',))} plus {list(RESERVED)}"
+        )
+    kwargs: Dict[str, Any] = dict(opts)
+    if own_weight:
+        kwargs["loss_weight"] = 1.0
+    kwargs.setdefault("num_classes", int(num_classes))
+    kwargs.setdefault("ignore_index", int(ignore_index))
+    if cls.uses_features:
+        kwargs.setdefault("feature_dim", feature_dim)
+    return kwargs
+
+
+def _cplus1_defaults(kwargs: Dict[str, Any], model: nn.Module, background_index: Optional[int],
+                     projected: bool, on_feature_layer: bool) -> None:
+    """C+1's background class (the dataset's, or refused) and its classifier centres."""
+    if "background_index" not in kwargs:
+        if background_index is None:
+            raise ValueError(
+                "method 'cplus1' needs a background class, and this dataset has none "
+                "(background_index=None, e.g. CamVid). Set methods.cplus1.background_index "
+                "to the class to treat as background (e.g. --set methods.cplus1.background_index=0), "
+                "or leave cplus1 out."
+            )
+        kwargs["background_index"] = int(background_index)
+    if kwargs.get("centres") == "classifier" and "classifier" not in kwargs:
+        if projected:
+            raise ValueError("methods.cplus1: centres='classifier' cannot be combined with a projection")
+        if not on_feature_layer:
+            raise ValueError("methods.cplus1: centres='classifier' needs the classifier's input layer (model.feature_layer)")
+        kwargs["classifier"] = model.get_submodule(model.classifier_layer)

@@ -23,21 +23,16 @@ import csv
 import json
 import math
 import os
-import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .extract import LoadedRun, SplitResult, embedding_source, example_maps, extract_split, load_run
-from .stats import nearest_centre_distance, weighted_histogram, weighted_quantiles
+from .stats import nearest_centre_distance, safe_name, smooth, weighted_histogram, weighted_quantiles
 
 __all__ = ["diagnose", "safe_name", "read_curves"]
 
 SETS = ("TP", "FN", "FP")
-
-
-def safe_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
 
 def _labels(run_dirs: Sequence[str]) -> List[str]:
@@ -95,16 +90,6 @@ def read_curves(run_dir: str) -> Dict[str, np.ndarray]:
     out = {"step": np.array([int(r["step"]) for r in rows])}
     for k in keys:
         out[k] = np.array([float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows])
-    return out
-
-
-def _smooth(v: np.ndarray) -> np.ndarray:
-    w = max(1, len(v) // 40)
-    if w == 1:
-        return v
-    out = np.empty_like(v)
-    for i in range(len(v)):
-        out[i] = np.nanmean(v[max(0, i - w + 1): i + 1])
     return out
 
 
@@ -206,7 +191,7 @@ def _curves(runs: List[LoadedRun], out: str) -> Dict[str, Dict[str, np.ndarray]]
         for k, v in c.items():
             if k == "step":
                 continue
-            sm = _smooth(v)
+            sm = smooth(v)
             rows += [{"run": run.label, "step": int(s), "key": k, "value": float(a), "smoothed": float(b)}
                      for s, a, b in zip(c["step"], v, sm)]
     _write_csv(rows, os.path.join(out, "curves.csv"), ["run", "step", "key", "value", "smoothed"])
@@ -298,7 +283,7 @@ def diagnose(run_dirs: Sequence[str], out: str, *, split: Optional[str] = None, 
 
     Returns the summary (also written to ``summary.json``).
     """
-    from ..train.trainer import make_dataset
+    from ..train.run import make_dataset, run_config
 
     if not run_dirs:
         raise ValueError("diagnose needs at least one run folder")
@@ -311,14 +296,10 @@ def diagnose(run_dirs: Sequence[str], out: str, *, split: Optional[str] = None, 
     runs: List[LoadedRun] = []
     datasets = {}
     for run_dir, label in zip(run_dirs, _labels(run_dirs)):
-        from ..train.config import resolve_config
-
-        cfg = resolve_config(os.path.join(run_dir, "config.yaml"), over) if os.path.exists(os.path.join(run_dir, "config.yaml")) else None
-        if cfg is None:
-            raise FileNotFoundError(f"{run_dir}/config.yaml not found (is {run_dir!r} a run folder?)")
+        cfg = run_config(run_dir, over)
         sp = split or cfg["data"]["test_splits"][0]
         ds = make_dataset(cfg, sp)
-        runs.append(load_run(run_dir, over, checkpoint=checkpoint, device=device, label=label, dataset=ds))
+        runs.append(load_run(run_dir, checkpoint=checkpoint, device=device, label=label, dataset=ds, cfg=cfg))
         datasets[label] = (sp, ds, cfg)
     first = datasets[runs[0].label][1]
     class_names = [str(c) for c in getattr(first, "class_names", range(first.num_classes))]

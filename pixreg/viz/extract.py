@@ -1,7 +1,8 @@
 """Load a trained run and stream a dataset split through it, collecting bounded statistics.
 
-:func:`load_run` rebuilds the model and criterion of a run folder (``config.yaml`` +
-``checkpoints/{last,best}.pt``, as ``pixreg eval`` does). :func:`extract_split` runs the
+:func:`load_run` (the run folder's owner, :mod:`pixreg.train.run`) rebuilds the model and
+criterion of a run folder (``config.yaml`` + ``checkpoints/{last,best}.pt``), as ``pixreg
+eval`` does. :func:`extract_split` runs the
 model over a split batch by batch (with a progress bar) and keeps only
 
 * :class:`~pixreg.viz.stats.FeatureStats` of the pixel features at feature resolution
@@ -15,7 +16,6 @@ Memory is ``O(K * D + K * capacity)`` whatever the size of the split.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -23,28 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..losses._common import resize_labels
+from ..losses import resize_labels
+from ..train.data import eval_collate
+from ..train.evaluation import progress_bar
+from ..train.metrics import SegmentationMetrics
+from ..train.run import LoadedRun, load_run
 from .stats import FeatureStats, Reservoir, calibration_maps
 
 __all__ = ["LoadedRun", "SplitResult", "load_run", "extract_split", "example_maps", "embedding_source"]
-
-
-@dataclass
-class LoadedRun:
-    run_dir: str
-    label: str
-    cfg: Dict[str, Any]
-    model: torch.nn.Module
-    criterion: torch.nn.Module
-    step: int
-    checkpoint: str
-    device: torch.device
-
-    @property
-    def method(self) -> str:
-        from ..train.methods import method_slug
-
-        return method_slug(self.cfg["method"])
 
 
 @dataclass
@@ -57,34 +43,6 @@ class SplitResult:
     images: int
     has_distractor: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
-
-
-def load_run(run_dir: str, overrides: Sequence[str] = (), *, checkpoint: str = "last", device: str = "cpu",
-             label: Optional[str] = None, dataset=None) -> LoadedRun:
-    """Model (weights of ``checkpoint``: ``last``, ``best`` or a path) and criterion of a run."""
-    from ..train.checkpoint import load_checkpoint, load_state
-    from ..train.config import resolve_config
-    from ..train.trainer import build_run, make_dataset
-
-    cfg_file = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"{cfg_file} not found (is {run_dir!r} a run folder?)")
-    cfg = resolve_config(cfg_file, list(overrides))
-    path = checkpoint
-    if checkpoint in ("last", "best"):
-        path = os.path.join(run_dir, "checkpoints", f"{checkpoint}.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    dev = torch.device(device)
-    ckpt = load_checkpoint(path, map_location=dev, required=("model", "criterion"))
-    ds = dataset if dataset is not None else make_dataset(cfg, cfg["data"]["test_splits"][0])
-    model, criterion, _ = build_run(cfg, ds.num_classes, ds.ignore_index, getattr(ds, "background_index", None), dev)
-    load_state(model, ckpt["model"], path)
-    load_state(criterion, ckpt["criterion"], path, "criterion")
-    model.eval()
-    criterion.eval()
-    name = label or os.path.basename(os.path.normpath(run_dir))
-    return LoadedRun(run_dir, name, cfg, model, criterion, int(ckpt.get("step", 0)), os.path.abspath(path), dev)
 
 
 def embedding_source(run: LoadedRun) -> str:
@@ -127,9 +85,6 @@ def extract_split(run: LoadedRun, dataset, *, split: str, feature_capacity: int 
                   batch_size: int = 16, max_images: Optional[int] = None, progress: bool = True, seed: int = 0) -> SplitResult:
     """Stream ``dataset`` through the run's model; see the module docstring."""
     from ..hooks import FeatureCapture
-    from ..train.data import eval_collate
-    from ..train.metrics import SegmentationMetrics
-    from ..train.trainer import progress_bar
 
     k = int(dataset.num_classes)
     ign = int(dataset.ignore_index)

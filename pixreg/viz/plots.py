@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from .stats import safe_name, smooth  # noqa: E402
+
 __all__ = ["draw_all", "class_colors"]
 
 SET_COLORS = {"TP": "tab:green", "FN": "tab:orange", "FP": "tab:red"}
@@ -76,7 +78,7 @@ def pixel_similarity(mats: Dict[str, Any]):
     return fig
 
 
-def tsne(emb: Dict[str, Any], names: List[str], bg: Optional[int]):
+def tsne_plot(emb: Dict[str, Any], names: List[str], bg: Optional[int]):
     runs = list(emb)
     fig, axes = _grid(max(len(runs), 1), width=4.6, height=4.4)
     cols = class_colors(len(names), bg)
@@ -162,7 +164,7 @@ def background_distance(back: Dict[str, Any]):
     return _hist_panels(panels, back["edges"], "distance to nearest class-of-interest centre", xlim=(0, 2))
 
 
-def examples(maps: List[Dict[str, Any]], names: List[str], bg: Optional[int], title: str):
+def example_plot(maps: List[Dict[str, Any]], names: List[str], bg: Optional[int], title: str):
     cols = ["input", "ground truth", "prediction", "error", "phi (FN compensation)", "psi (FP penalty)"]
     fig, axes = plt.subplots(len(maps), len(cols), figsize=(2.1 * len(cols) + 0.6, 2.1 * len(maps) + 0.4), squeeze=False,
                              layout="constrained")
@@ -191,16 +193,13 @@ def examples(maps: List[Dict[str, Any]], names: List[str], bg: Optional[int], ti
 
 def draw_all(out: str, *, class_names: List[str], bg: Optional[int], mats, iou, hists, curves, tsne, back,
              examples, results=None) -> List[Dict[str, str]]:
-    from .diagnose import _smooth, safe_name
-
-    g = globals()
     todo = [("centre_similarity", "Class-centre similarity and CAR class dependency", lambda: centre_similarity(mats)),
             ("pixel_similarity", "Mean intra/inter-class cosine similarity of pixel features", lambda: pixel_similarity(mats)),
-            ("tsne", "t-SNE of a class-balanced pixel sample", lambda: g["tsne"](tsne, class_names, bg)),
+            ("tsne", "t-SNE of a class-balanced pixel sample", lambda: tsne_plot(tsne, class_names, bg)),
             ("logit_hist", "Logit histograms of TP, FN and FP pixels", lambda: logit_hist(hists)),
             ("per_class_iou", "Per-class IoU", lambda: per_class_iou(iou, class_names))]
     if curves:
-        todo.append(("training_curves", "Training curves", lambda: training_curves(curves, _smooth)))
+        todo.append(("training_curves", "Training curves", lambda: training_curves(curves, smooth)))
     if back is not None:
         todo.append(("background_distance", "Distance of background features to the nearest class centre",
                      lambda: background_distance(back)))
@@ -208,7 +207,7 @@ def draw_all(out: str, *, class_names: List[str], bg: Optional[int], mats, iou, 
         emb = maps[0]["embedding"] if maps else ""
         src = "RCH head embedding" if emb == "rch_head" else "model features (no RCH head in this run)"
         todo.append((f"examples_{safe_name(label)}", f"Examples, {label}",
-                     lambda m=maps, t=f"{label}: phi/psi from {src}": g["examples"](m, class_names, bg, t)))
+                     lambda m=maps, t=f"{label}: phi/psi from {src}": example_plot(m, class_names, bg, t)))
     files = []
     for key, title, make in todo:
         fig = make()

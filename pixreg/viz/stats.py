@@ -14,6 +14,7 @@ number of pixels, :class:`Reservoir` keeps at most ``capacity`` items per stratu
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, Tuple
 
 import numpy as np
@@ -177,21 +178,12 @@ def calibration_maps(emb: torch.Tensor, logits: torch.Tensor, labels: torch.Tens
     (``"cosine_to_mean"``, the released code), exactly as :func:`pixreg.losses.rch.rch_loss`
     with ``sets="image"``. Returns two ``(B, h, w)`` float tensors, ``NaN`` at ignored pixels.
     """
-    from ..losses import rch  # the loss's own sets and calibration: the maps are what it computes
+    from ..losses.rch import rch_calibration  # the loss's own sets and calibration
 
-    if calibration not in ("mean_of_cosines", "cosine_to_mean"):
-        raise ValueError(f"calibration must be 'mean_of_cosines' or 'cosine_to_mean', got {calibration!r}")
     b, _, h, w = emb.shape
-    with torch.no_grad():
-        prep = rch._prepare(emb.detach().float(), logits.detach().float(), labels, num_classes, ignore_index)
-        emb_hat = F.normalize(prep.emb, dim=1, eps=rch._NORM_EPS)
-        _, fn, fp = rch._set_indices(prep)
-        valid = prep.dlabels < num_classes
-        maps = []
-        for members, sign in ((fn, -1.0), (fp, 1.0)):
-            val = rch._calibration(prep.emb, emb_hat, members, prep, "image", calibration, sign)
-            maps.append(torch.where(valid, val, torch.full_like(val, float("nan"))).reshape(b, h, w))
-    return maps[0], maps[1]
+    phi, psi = rch_calibration(emb.detach().float(), logits.detach().float(), labels, num_classes,
+                               ignore_index=ignore_index, calibration=calibration, sets="image")
+    return phi.reshape(b, h, w), psi.reshape(b, h, w)
 
 
 def weighted_histogram(values: np.ndarray, weights: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -226,3 +218,23 @@ def nearest_centre_distance(feats: np.ndarray, centres: np.ndarray, classes) -> 
     cos = np.clip(f @ c.T, -1.0, 1.0)
     best = cos.argmax(1)
     return np.sqrt(np.maximum(2.0 - 2.0 * cos.max(1), 0.0)), np.asarray(classes)[best]
+
+
+def safe_name(label: str) -> str:
+    """``label`` reduced to a file-name-safe string (``"run"`` when nothing is left).
+
+    >>> safe_name("car+lall / seed 1")
+    'car_lall_seed_1'
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
+
+
+def smooth(v: np.ndarray) -> np.ndarray:
+    """Trailing moving average of a curve over about 1/40 of its length (NaNs skipped)."""
+    w = max(1, len(v) // 40)
+    if w == 1:
+        return v
+    out = np.empty_like(v)
+    for i in range(len(v)):
+        out[i] = np.nanmean(v[max(0, i - w + 1): i + 1])
+    return out
