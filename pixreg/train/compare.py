@@ -25,7 +25,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from . import dist as dist_utils
+from . import process_group
 from .checks import check_output_folder, check_settings
 from .config import resolve_config
 from .methods import method_slug
@@ -56,7 +56,7 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
     check_output_folder(out_dir)
     for slug in slugs:  # every method's settings, datasets and options, before the first run trains
         check_settings(resolve_config(config_path, overrides, method=slug, seed=int(seeds[0]), device=device, threads=threads))
-    ctx = dist_utils.setup(base_cfg["device"])
+    ctx = process_group.setup(base_cfg["device"])
     try:
         os.makedirs(out_dir, exist_ok=True)
         runs: Dict[str, Dict[int, Dict[str, Any]]] = {s: {} for s in slugs}
@@ -95,10 +95,10 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
             except ImportError as err:  # pragma: no cover - matplotlib missing
                 log(f"no per-class plot: {err}")
             log(md)
-        dist_utils.barrier(ctx)
+        process_group.barrier(ctx)
         return summary
     finally:
-        dist_utils.teardown(ctx)
+        process_group.teardown(ctx)
 
 
 def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequence[int], methods: Sequence[str]) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from . import dist as dist_utils
+from . import process_group
 from .data import eval_collate, shard_indices
 from .metrics import SegmentationMetrics
 
@@ -74,13 +74,13 @@ def amp_context(enabled: bool, device: torch.device):
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, batch_size: int = 16, device: torch.device | str = "cpu",
              num_workers: int = 0, amp: bool = False, progress: bool = True, desc: str = "eval",
-             ctx: Optional[dist_utils.DistContext] = None) -> Dict[str, Any]:
+             ctx: Optional[process_group.DistContext] = None) -> Dict[str, Any]:
     """Metrics of ``model`` on ``dataset`` (see :mod:`pixreg.train.metrics`).
 
     Under ``torch.distributed`` each process evaluates every ``W``-th image and the
     confusion matrices are summed. The model is put in eval mode and restored after.
     """
-    ctx = ctx or dist_utils.DistContext(device=torch.device(device))
+    ctx = ctx or process_group.DistContext(device=torch.device(device))
     device = torch.device(device)
     was_training = model.training
     model.eval()
