@@ -68,6 +68,8 @@ def assert_two_equal_one(states: dict) -> None:
     ref = states["one"]
     for name in ("two", "two_unused"):
         assert states[name].keys() == ref.keys()
+        diff = max(float((states[name][k].double() - v.double()).abs().max()) for k, v in ref.items() if v.numel())
+        print(f"max |{name} - one process| = {diff:.2e}")
         for k, v in ref.items():
             torch.testing.assert_close(states[name][k], v, rtol=1e-4, atol=2e-5, msg=f"{name} {k}")
 
