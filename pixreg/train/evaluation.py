@@ -14,7 +14,6 @@ from torch import nn
 
 from . import process_group
 from .data import eval_collate, shard_indices
-from .metrics import SegmentationMetrics
 
 __all__ = ["evaluate", "progress_bar", "amp_context"]
 
@@ -80,6 +79,8 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 16, device: torch.d
     Under ``torch.distributed`` each process evaluates every ``W``-th image and the
     confusion matrices are summed. The model is put in eval mode and restored after.
     """
+    from .metrics import SegmentationMetrics  # torchmetrics: the 'train' extra, needed from here on
+
     ctx = ctx or process_group.DistContext(device=torch.device(device))
     device = torch.device(device)
     was_training = model.training
