@@ -59,7 +59,7 @@ from pixreg.losses.car import car_loss  # noqa: E402
 from pixreg.losses.cplus1 import cplus1_loss  # noqa: E402
 from pixreg.losses.lall import locally_adaptive_loss  # noqa: E402
 from pixreg.losses.rch import rch_loss  # noqa: E402
-from pixreg.models import FCNResNet  # noqa: E402
+from reference_models import REFERENCES  # noqa: E402
 
 METHODS = ("ce", "cplus1", "car", "lall", "rch")
 FEAT_DIM = 256
@@ -112,20 +112,20 @@ def make_labels(b: int, size: int, k: int, device: torch.device, seed: int = 0) 
     return y.to(device)
 
 
-def make_regularizer(method: str, k: int) -> pixreg.Regularizer:
+def make_regularizer(method: str, k: int, feat_dim: int = FEAT_DIM) -> pixreg.Regularizer:
     if method == "cplus1":
-        return pixreg.CPlus1Loss(k, FEAT_DIM)
+        return pixreg.CPlus1Loss(k, feat_dim)
     if method == "car":
         return pixreg.CARLoss(k)
     if method == "lall":
         return pixreg.LocallyAdaptiveLoss(window=5)
     if method == "rch":
-        return pixreg.RCHLoss(k, FEAT_DIM)
+        return pixreg.RCHLoss(k, feat_dim)
     raise ValueError(method)
 
 
-def make_criterion(method: str, k: int, device: torch.device) -> pixreg.RegularizedCriterion:
-    regs = {} if method == "ce" else {method: make_regularizer(method, k)}
+def make_criterion(method: str, k: int, device: torch.device, feat_dim: int = FEAT_DIM) -> pixreg.RegularizedCriterion:
+    regs = {} if method == "ce" else {method: make_regularizer(method, k, feat_dim)}
     return pixreg.RegularizedCriterion(regs).to(device).train()
 
 
@@ -189,12 +189,22 @@ def loss_inputs(k: int, size: int, batch: int, device: torch.device, seed: int):
 #: Loss-alone extra: LALL with a 1x1 window, i.e. its z-score and softmax CE without the
 #: neighbourhood pooling: the floor under LALL's cost that no pooling scheme can go below.
 LALL_FLOOR = "lall_w1"
+#: Loss-alone extra on CUDA: LALL's PyTorch implementation (``backend="torch"``), next to
+#: ``lall`` (``backend="auto"``: the fused Triton kernels when Triton is installed).
+LALL_TORCH = "lall_torch"
+
+
+def extra_columns(device: torch.device) -> List[str]:
+    """Loss-alone columns besides METHODS on ``device``."""
+    return [LALL_FLOOR] + ([LALL_TORCH] if device.type == "cuda" else [])
 
 
 def loss_alone(k: int, size: int, args, device: torch.device) -> dict:
     _, feats, logits, labels = loss_inputs(k, size, args.batch, device, seed=1)
     crits = {m: make_criterion(m, k, device) for m in METHODS}
     crits[LALL_FLOOR] = pixreg.RegularizedCriterion({"lall": pixreg.LocallyAdaptiveLoss(window=1)}).to(device)
+    if LALL_TORCH in extra_columns(device):
+        crits[LALL_TORCH] = pixreg.RegularizedCriterion({"lall": pixreg.LocallyAdaptiveLoss(backend="torch")}).to(device)
 
     def run(m: str) -> Callable[[], None]:
         crit = crits[m]
@@ -215,15 +225,16 @@ def loss_alone(k: int, size: int, args, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------- (b) training step
-def train_step(k: int, size: int, args, device: torch.device) -> dict:
+def train_step(reference: str, k: int, size: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = FCNResNet(k, depth=18, width=args.width, head="fcn", head_channels=FEAT_DIM).to(device).train()
-    crits = {m: make_criterion(m, k, device) for m in METHODS}
+    model = REFERENCES[reference](k, args.width).to(device).train()
+    crits = {m: make_criterion(m, k, device, model.feature_dim) for m in METHODS}
     params = list(model.parameters()) + [p for c in crits.values() for p in c.parameters()]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(args.batch, 3, size, size, generator=g).to(device)
-    labels = make_labels(args.batch, size, k, device)
+    batch = args.step_batch or args.batch
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    labels = make_labels(batch, size, k, device)
 
     def run(m: str) -> Callable[[], None]:
         crit = compile_losses(crits[m], args)
@@ -347,6 +358,26 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
+def ratio_table(loss: dict) -> List[str]:
+    """Loss-alone times as multiples of CE's, against the targets of issue 20, with LALL's
+    PyTorch implementation next to the default (Triton on CUDA) where it was measured."""
+    torch_col = any(LALL_TORCH in row for row in loss.values())
+    lines = ["Loss alone in multiples of CE alone (targets on a GPU: C+1, CAR, RCH <= 2x; LALL <= 3x)"
+             + (f"; `{LALL_TORCH}`: LALL's PyTorch implementation (`backend=\"torch\"`), `lall` the default "
+                "(the fused Triton kernels where Triton is installed)" if torch_col else "") + ".", "",
+             "| K x size | " + " | ".join(f"{m} / ce" for m in METHODS[1:])
+             + (f" | {LALL_TORCH} / ce | Triton speed-up |" if torch_col else " |"),
+             "|---|" + "---|" * (len(METHODS) - 1 + 2 * torch_col)]
+    for key, row in loss.items():
+        ce = row["ce"]["median_s"]
+        cells = [f"{row[m]['median_s'] / ce:.2f}x" for m in METHODS[1:]]
+        if torch_col and LALL_TORCH in row:
+            cells += [f"{row[LALL_TORCH]['median_s'] / ce:.2f}x",
+                      f"{row[LALL_TORCH]['median_s'] / row['lall']['median_s']:.2f}x"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def loss_tables(res: dict) -> List[str]:
     lines = ["## Loss alone (forward + backward)", "",
              f"`{LALL_FLOOR}`: LALL with a 1x1 window (its z-score and softmax CE, no neighbours): the floor "
@@ -360,7 +391,7 @@ def loss_tables(res: dict) -> List[str]:
               if floor else " | ")
         lines.append(f"| {key} | " + " | ".join(f"{row[m]['median_s'] * 1e3:.0f}" for m in METHODS) + f" | {fl} | "
                      + " | ".join(mib(row[m].get("peak_bytes", 0)) for m in METHODS) + " |")
-    lines.append("")
+    lines += [""] + ratio_table(res["loss"])
     for what, key in (("time", "median_s"), ("peak memory", "peak_bytes")):
         ex = res["exponents"][key]
         lines += [f"Exponents of loss-alone {what}: `t ~ pixels^a` (size {res['sizes'][0]} -> "
@@ -384,7 +415,11 @@ def markdown(res: dict) -> str:
              f"Losses compiled: {res.get('compiled') or 'no (eager)'}.", "",
              f"Memory method: {res['memory_method']}", ""]
     if res.get("step"):
-        lines += ["## Whole training step (reference model, batch %d)" % res["batch"], "",
+        lines += ["## Whole training step (reference networks, batch %d)" % res.get("step_batch", res["batch"]), "",
+                  "Networks (benchmarks/reference_models.py, random weights): `fcn18` (K x size keys without a "
+                  "prefix): FCN head on ResNet-18 at output stride 8; `deeplabv3plus_r50`: DeepLabV3+ on a "
+                  "ResNet-50 layout (OS 16, features 256 x H/4); `segformer_b2`: SegFormer-B2 sized from a "
+                  "`transformers` config (features 768 x H/4).", "",
                   "Time: median seconds of the step; overhead = median / CE median (same run, "
                   "interleaved). `loss/CE step` = the loss-alone median divided by the CE step median "
                   "(a low-noise estimate of the same overhead). Memory: peak MiB of the step.", "",
@@ -395,7 +430,7 @@ def markdown(res: dict) -> str:
             for m in METHODS:
                 r = row[m]
                 est = ""
-                la = res["loss"].get(key, {}).get(m)
+                la = res["loss"].get(key.split()[-1], {}).get(m)
                 if la and m != "ce":
                     est = f"{la['median_s'] / ce['median_s'] * 100:+.1f}%"
                 mem = r.get("peak_bytes")
@@ -442,6 +477,11 @@ def code_version() -> str:
         return "unknown"
 
 
+def step_key(reference: str, k: int, size: int) -> str:
+    """Results key of a whole-step run (the fcn18 keys are those of earlier results files)."""
+    return f"{k}x{size}" if reference == "fcn18" else f"{reference} {k}x{size}"
+
+
 def ints(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -454,7 +494,12 @@ def main(argv=None) -> dict:
     p.add_argument("--classes", type=ints, default=[21, 150, 171])
     p.add_argument("--sizes", type=ints, default=[256, 512])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--width", type=int, default=64, help="backbone width (64 = ResNet-18)")
+    p.add_argument("--width", type=int, default=64,
+                   help="width of the reference networks (64 = their real sizes; smaller for tests)")
+    p.add_argument("--references", default="fcn18",
+                   help=f"reference networks of the whole-step runs, comma-separated: {', '.join(REFERENCES)} "
+                        "(benchmarks/reference_models.py)")
+    p.add_argument("--step-batch", type=int, default=0, help="batch of the whole-step runs (default: --batch)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of the loss alone")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--step-classes", type=ints, default=[21], help="K of the whole-step runs")
@@ -493,7 +538,8 @@ def run(args, device: torch.device, argv) -> dict:
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
         "code": code_version(), "compiled": args.compile and args.compile_backend,
-        "batch": args.batch, "classes": args.classes, "sizes": args.sizes,
+        "batch": args.batch, "step_batch": args.step_batch or args.batch, "references": args.references,
+        "classes": args.classes, "sizes": args.sizes,
         "memory_method": (
             "torch.cuda.max_memory_allocated above the memory allocated before the call" if device.type == "cuda"
             else "high-water mark of live bytes from the CPU allocator's allocation/free events recorded by "
@@ -518,10 +564,11 @@ def run(args, device: torch.device, argv) -> dict:
             for k in args.naive_classes:
                 print(f"naive K={k} size={size}", flush=True)
                 res["naive"][f"{k}x{size}"] = naive_vs_library(k, size, args, device)
-        for size in args.step_sizes:
-            for k in args.step_classes:
-                print(f"train step K={k} size={size}", flush=True)
-                res["step"][f"{k}x{size}"] = train_step(k, size, args, device)
+        for reference in args.references.split(","):
+            for size in args.step_sizes:
+                for k in args.step_classes:
+                    print(f"train step {reference} K={k} size={size}", flush=True)
+                    res["step"][step_key(reference, k, size)] = train_step(reference, k, size, args, device)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".json", "w") as fh:
         json.dump(res, fh, indent=1, default=str)

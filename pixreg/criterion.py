@@ -147,6 +147,17 @@ class RegularizedCriterion(nn.Module):
                 self.projections[name] = spec.projection
         self.register_buffer("class_weight", None if class_weight is None else self._check_class_weight(class_weight))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # host copy of `step` for the warm-ups: read once (after construction or loading),
+        # then counted here, so that a step makes no device-to-host copy (CUDA graphs)
+        self._host_step: Optional[int] = None
+        self.register_load_state_dict_post_hook(_forget_host_step)
+
+    def _warmup_step(self) -> Optional[int]:
+        """The step number while some term is still warming up, else None."""
+        last = max((spec.warmup for spec in self.specs.values()), default=0)
+        if self._host_step is None:
+            self._host_step = int(self.step) if last > 0 else 0
+        return self._host_step if self._host_step < last else None
 
     def _check_class_weight(self, class_weight) -> torch.Tensor:
         """``(K,)`` float32 weights: finite, >= 0, not all 0, and one per class of the regularizers."""
@@ -228,9 +239,11 @@ class RegularizedCriterion(nn.Module):
             raise ValueError(f"`class_weight` has {self.class_weight.numel()} entries, `logits` have K={logits.shape[1]} classes")
         if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
             logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        step = int(self.step)  # one host read per step, for the warm-ups
+        step = self._warmup_step()
         if self.training:
             self.step += 1
+            if step is not None:
+                self._host_step = step + 1
         # Evaluation order is chosen for memory (autograd runs the most recently created nodes
         # first). A regularizer whose backward makes a logits-sized gradient (LALL) is
         # evaluated before CE, so that CE's backward (whose log-softmax output and gradients
@@ -243,7 +256,7 @@ class RegularizedCriterion(nn.Module):
 
         def evaluate(name: str) -> None:
             spec, loss_mod = self.specs[name], self.losses[name]
-            if self.training and step < spec.warmup:
+            if self.training and step is not None and step < spec.warmup:
                 return
             feats = self._features_for(name, spec, features) if loss_mod.uses_features else None
             reg_values[name] = spec.loss_weight * loss_mod.compute(labels, features=feats, logits=logits)
@@ -272,6 +285,10 @@ class RegularizedCriterion(nn.Module):
             terms[name] = reg_values[name].detach()
             terms.update(reg_terms[name])
         return CriterionOutput(total, terms)
+
+
+def _forget_host_step(module: RegularizedCriterion, incompatible_keys) -> None:
+    module._host_step = None  # re-read from the loaded `step` buffer at the next call
 
 
 def default_logits(output: Any) -> torch.Tensor:

@@ -84,3 +84,73 @@ def test_benchmark_runs_on_a_tiny_configuration(tmp_path):
     assert math.isfinite(res["exponents"]["peak_bytes"]["pixels"]["lall"][4])
     assert all(row[bench_losses.LALL_FLOOR]["median_s"] > 0 for row in res["loss"].values())
     assert "lall/floor" in md
+
+
+def test_reference_networks_step(tmp_path):
+    # the DeepLabV3+ (ResNet-50 layout) and SegFormer-B2-sized references, at tiny widths
+    res = bench_losses.main([
+        "--classes", "4", "--sizes", "16", "--batch", "2", "--width", "8", "--repeats", "1", "--warmup", "0",
+        "--step-repeats", "1", "--naive-classes", "", "--step-classes", "4", "--step-sizes", "32",
+        "--references", "deeplabv3plus_r50,segformer_b2", "--no-memory", "--out", str(tmp_path / "res"),
+    ])
+    assert set(res["step"]) == {"deeplabv3plus_r50 4x32", "segformer_b2 4x32"}
+    for row in res["step"].values():
+        assert all(row[m]["median_s"] > 0 for m in bench_losses.METHODS)
+    md = (tmp_path / "res.md").read_text()
+    assert "deeplabv3plus_r50 4x32 | lall" in md and "lall / ce" in md
+    from reference_models import REFERENCES, ResNet50Trunk
+
+    trunk = ResNet50Trunk()  # the real ResNet-50 sizes: 23.5M parameters without the classifier
+    assert abs(sum(p.numel() for p in trunk.parameters()) / 1e6 - 23.5) < 0.1
+    assert set(REFERENCES) == {"fcn18", "deeplabv3plus_r50", "segformer_b2"}
+
+
+def test_lall_pool_and_rch_gather_scripts(tmp_path):
+    import lall_cpu_pool
+    import rch_gather
+
+    res = lall_cpu_pool.main(["--classes", "5", "--size", "24", "--windows", "5", "--repeats", "1",
+                              "--out", str(tmp_path / "pool")])
+    row = res["rows"]["K=5 window=5"]
+    assert row["max_rel_diff"] < 1e-5 and row["correction_pairs_per_pixel"] > 0
+    res = rch_gather.main(["--batch", "1", "--size", "8", "--repeats", "1", "--out", str(tmp_path / "rch")])
+    for r in res["rows"].values():
+        assert r["value_diff"] < 1e-5 and r["grad_max_diff"] < 1e-6
+    assert (tmp_path / "pool.md").exists() and (tmp_path / "rch.md").exists()
+
+
+def test_cuda_grid_script_is_valid_bash():
+    import subprocess
+
+    script = os.path.join(BENCH, "cuda_grid.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    assert "--device cuda" in text and "--compile" in text and "deeplabv3plus_r50" in text
+
+
+@pytest.mark.parametrize("window,exponential,xi_weight_sum", [(3, True, False), (5, True, True), (7, True, False),
+                                                             (5, False, False), (1, True, False)])
+def test_box_decomposition_of_the_pool_is_exact(window, exponential, xi_weight_sum):
+    # the measured alternative of lall_cpu_pool.py (box filters + boundary correction) equals
+    # the library's per-offset pooling, forward and adjoint, on block labels with ignore lines
+    import lall_cpu_pool
+    from pixreg.losses import lall
+
+    g = torch.Generator().manual_seed(window)
+    labels = torch.randint(0, 4, (1, 5, 6), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)[:, :37, :41]
+    labels = labels.clone()
+    labels[:, ::8] = 255
+    labels[0, 20:23, 5:30] = 3
+    x = torch.randn(1, 6, 37, 41, generator=g, dtype=torch.float64).masked_fill_((labels == 255).unsqueeze(1), 0.0)
+    offsets = lall._window_offsets(37, 41, window, 1, exponential, xi_weight_sum)
+    coefs, xi, valid, target = lall._group_setup(labels, 255, offsets, window // 2, 1, xi_weight_sum, x.dtype)
+    plan, xi_box, valid_box, target_box = lall_cpu_pool.box_setup(labels, 255, window, exponential, xi_weight_sum,
+                                                                  x.dtype)
+    torch.testing.assert_close(xi_box, xi, rtol=0, atol=0)
+    assert torch.equal(valid_box, valid) and torch.equal(target_box, target)
+    row, col = torch.empty_like(x), torch.empty_like(x)
+    for transpose in (False, True):
+        want = lall._pool_into(torch.empty_like(x), x, coefs, offsets, transpose=transpose)
+        got = lall_cpu_pool.box_pool_into(torch.empty_like(x), x, plan, row, col)
+        rows = valid if not transpose else labels != 255  # centres, or pooled pixels
+        torch.testing.assert_close(got * rows, want * rows, rtol=1e-12, atol=1e-12)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixreg.losses._common import resize_labels
+from pixreg.losses import resize_labels
 from pixreg.losses.car import CARLoss, car_loss
 from test_car import IGN, TERMS, check_against, floor_src, make_data, ref_released, tf_align_corners_src
 

@@ -217,3 +217,5 @@ def test_off_terms_touch_their_parameters_with_zero():
     out = wrapped(images, labels)
     assert float(out.terms["lall"]) > 0 and int(crit.step) == step  # LALL was off in training
     assert out.output.shape == (B, K, HW, HW) and wrapped.capture.features == {}
+    with pytest.raises(TypeError, match="RegularizedCriterion"):
+        type(wrapped)(wrapped.model, nn.CrossEntropyLoss(), layers="1")

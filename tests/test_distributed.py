@@ -99,6 +99,9 @@ def make_case(name: str):
     elif base == "rch_variant":  # other calibration, update before the loss, BatchNorm in the head
         mod = RCHLoss(num_classes=K, feature_dim=D, embed_dim=4, calibration="cosine_to_mean",
                       prototype_update="before", head_norm=True)
+    elif base == "rch_released":  # released-code options: gradient through the updated prototypes, mmseg mean
+        mod = RCHLoss(num_classes=K, feature_dim=D, embed_dim=4, calibration="cosine_to_mean", sets="image",
+                      prototype_grad=True, ce_resolution="label", reduction="all_pixels", head_norm=True)
     elif base == "globalbn":
         mod = _BNProbe()
     elif base == "criterion":  # CE (class-weighted) + the four regularizers, as pixreg train uses them
@@ -193,7 +196,8 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
 
 
 BASES = ["cplus1", "cplus1_euclid", "cplus1_learnable", "cplus1_classifier", "car", "car_released",
-         "car_released_ema", "lall", "lall_stride", "rch", "rch_image", "rch_variant", "globalbn", "criterion"]
+         "car_released_ema", "lall", "lall_stride", "rch", "rch_image", "rch_variant", "rch_released", "globalbn",
+         "criterion"]
 # every case also with one of rank 1's images fully ignored, and with rank 1 holding no valid pixel
 CASES = BASES + [f"{b}:ignored_rank" for b in BASES if b != "globalbn"] + [f"{b}:empty_rank" for b in BASES if b != "globalbn"]
 

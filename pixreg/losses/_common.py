@@ -266,11 +266,12 @@ def _align_corners_index(in_size: int, out_size: int, device: torch.device) -> t
     if out_size == 1:
         return torch.zeros(1, dtype=torch.long, device=device)
     f32 = torch.float32
-    scale = torch.tensor(in_size - 1, dtype=f32) / torch.tensor(out_size - 1, dtype=f32)
-    v = torch.arange(out_size, dtype=f32) * scale
+    # made on the device (no host-to-device copy inside a training step)
+    scale = torch.full((), in_size - 1, dtype=f32, device=device) / torch.full((), out_size - 1, dtype=f32, device=device)
+    v = torch.arange(out_size, dtype=f32, device=device) * scale
     lo = torch.floor(v)
     idx = lo + (v - lo >= 0.5).to(f32)  # round half away from zero (v >= 0)
-    return idx.long().clamp(max=in_size - 1).to(device)
+    return idx.long().clamp(max=in_size - 1)
 
 
 def resize_bilinear(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

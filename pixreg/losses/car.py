@@ -187,7 +187,7 @@ def car_loss(
         ema_decay: the EMA decay (released code: 0.9).
         ema_update: whether to update ``ema_centres`` (the module passes ``self.training``).
         label_sampling: how labels are nearest-resized to the features
-            (:func:`pixreg.losses._common.resize_labels`): ``"torch"`` (torch's ``nearest``,
+            (:func:`pixreg.losses.resize_labels`): ``"torch"`` (torch's ``nearest``,
             row ``min(floor(fl(i * fl(H/h))), H-1)`` in float32) or ``"align_corners"``
             (TensorFlow's ``align_corners=True`` resize of the released code, row
             ``round(i * (H-1)/(h-1))``: rows 0, 8, 16, ... for 513 -> 65); ``None`` (default)
@@ -254,10 +254,10 @@ def car_loss(
         if threshold_classes == "present":
             denom = (n_present - 1).clamp(min=0)
         else:
-            denom = torch.tensor(float(k - 1), dtype=dt, device=x.device)
+            denom = torch.full((), float(k - 1), dtype=dt, device=x.device)
         zero = x.new_zeros(())
         n_valid = valid.sum()
-        n_all = torch.tensor(n, dtype=dt, device=x.device)
+        n_all = torch.full((), float(n), dtype=dt, device=x.device)
 
         if variant == "paper":
             terms = _paper_terms(

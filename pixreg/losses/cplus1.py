@@ -124,8 +124,7 @@ def _coi_index(num_classes: int, background_index: int, device: torch.device) ->
     """``(K + 1,)`` map class -> CoI row; background and the dump class K map to C."""
     idx = torch.arange(num_classes + 1, device=device)
     coi = idx - (idx > background_index).long()
-    coi[background_index] = num_classes - 1
-    return coi
+    return torch.where(idx == background_index, num_classes - 1, coi)
 
 
 def _coi_classes(num_classes: int, background_index: int, device: torch.device) -> torch.Tensor:

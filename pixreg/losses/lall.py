@@ -35,6 +35,7 @@ a softmax cross-entropy, so LALL costs a few cross-entropies' worth of time; see
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional
 
@@ -61,6 +62,21 @@ __all__ = ["locally_adaptive_loss", "LocallyAdaptiveLoss"]
 _DISTANCE_WEIGHTS = ("exponential", "uniform")
 _NORMALIZE = ("zscore", None)
 _XI = ("count", "weight_sum")
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_available() -> bool:
+    """Whether Triton is installed (not imported here: see :mod:`pixreg.kernels.lall_triton` for why)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _resolve_backend(backend: str, z: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for ``backend`` (checked by :func:`_check_hparams`) and logits ``z``."""
+    if backend == "auto":
+        return "triton" if z.is_cuda and _triton_available() else "torch"
+    if backend == "triton" and not _triton_available():
+        raise ImportError("backend='triton' needs the `triton` package (pip install 'pixreg[triton]')")
+    return backend
 
 
 def _check_hparams(
@@ -72,7 +88,9 @@ def _check_hparams(
     xi: str,
     eps: float,
     loss_weight: float,
+    backend: str = "auto",
 ) -> None:
+    check_choice("backend", backend, _BACKENDS)
     check_int("window", window, lo=1)
     if window % 2 == 0:
         raise ValueError(f"`window` must be a positive odd int, got {window!r}")
@@ -274,8 +292,9 @@ def _lall_pass(z, labels, hparams, grad_numerator=None):
             # acc (the softmax gradient) is consumed: reuse it for the product when it fits
             prod = torch.mul(g_zhat, zhat, out=acc) if stride == 1 else g_zhat * zhat
             through_std = (var >= eps * eps).to(z.dtype) * prod.mean(dim=1, keepdim=True)
-            g_c = g_zhat.sub_(zhat.mul_(through_std)).div_(std)
-            torch.sub(g_c, g_c.mean(dim=1, keepdim=True), out=grad[b0:b1])
+            # dL/dz = g_c - mean_K(g_c) with g_c = (g_zhat - zhat * through_std) / std; the mean is
+            # 0: g_zhat pools vectors (softmax - onehot) that sum to 0 over K, and zhat sums to 0
+            torch.div(g_zhat.sub_(zhat.mul_(through_std)), std, out=grad[b0:b1])
         else:
             grad[b0:b1].copy_(g_zhat)  # 0 at ignored pixels (they never pool)
     return numerator, grad
@@ -322,6 +341,7 @@ def locally_adaptive_loss(
     num_classes: Optional[int] = None,
     loss_weight: float = 1.0,
     weight: Optional[float] = None,
+    backend: str = "auto",
 ) -> LossOutput:
     """Locally adaptive learning loss (LALL), Minkowski-pooled over the batch.
 
@@ -361,6 +381,10 @@ def locally_adaptive_loss(
         num_classes: optional check: must equal ``K`` of ``logits``.
         loss_weight: multiplier of the returned loss (term ``"lall"``); ``weight``, its old
             name, is accepted for one version with a ``DeprecationWarning``.
+        backend: ``"auto"`` (the fused Triton kernels for CUDA tensors when Triton is
+            installed, else PyTorch), ``"triton"`` (CPU tensors run in Triton's
+            interpreter: for tests, slow) or ``"torch"`` (the PyTorch implementation,
+            the reference the kernels are tested against). Same values either way.
 
     Returns:
         ``LossOutput(loss, {"lall": loss})``, a float32 scalar (float64 for float64
@@ -384,7 +408,7 @@ def locally_adaptive_loss(
         (True, ['lall'])
     """
     loss_weight = renamed("locally_adaptive_loss", "weight", weight, "loss_weight", loss_weight, 1.0)
-    _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, loss_weight)
+    _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, loss_weight, backend)
     if num_classes is not None:
         check_int("num_classes", num_classes, lo=1)
     check_same_device(logits=logits, labels=labels)
@@ -411,11 +435,15 @@ def locally_adaptive_loss(
         labels = labels.long()
         centre_labels = labels[:, ::stride, ::stride]  # (B, Hc, Wc)
         valid = centre_labels != ignore_index
-        # local sum_p L_p^power over valid centres (one image at a time, see _PooledNumerator)
-        numerator = _PooledNumerator.apply(
-            z, labels, ignore_index, window, distance_weights == "exponential", xi == "weight_sum",
-            normalize == "zscore", eps, stride, float(power),
-        )
+        flags = (distance_weights == "exponential", xi == "weight_sum", normalize == "zscore")
+        if _resolve_backend(backend, z) == "triton":
+            from ..kernels.lall_triton import lall_ce
+
+            ce = lall_ce(z, labels, ignore_index, window, *flags, eps, stride)  # 0 at ignored centres
+            numerator = ce.pow(power).sum() if power != 1 else ce.sum()
+        else:
+            # local sum_p L_p^power over valid centres (one image at a time, see _PooledNumerator)
+            numerator = _PooledNumerator.apply(z, labels, ignore_index, window, *flags, eps, stride, float(power))
         mean = global_mean(numerator, valid.sum().to(dtype))
         if power == 1:
             loss = mean
@@ -460,10 +488,12 @@ class LocallyAdaptiveLoss(Regularizer):
         num_classes: Optional[int] = None,
         loss_weight: float = 1.0,
         weight: Optional[float] = None,
+        backend: str = "auto",
     ) -> None:
         loss_weight = renamed("LocallyAdaptiveLoss", "weight", weight, "loss_weight", loss_weight, 1.0)
         super().__init__(num_classes, ignore_index=ignore_index)
-        _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, loss_weight)
+        _check_hparams(window, distance_weights, normalize, power, stride, xi, eps, loss_weight, backend)
+        self.backend = backend
         self.window = window
         self.distance_weights = distance_weights
         self.normalize = normalize
@@ -494,5 +524,6 @@ class LocallyAdaptiveLoss(Regularizer):
             eps=self.eps,
             num_classes=self.num_classes,
             loss_weight=self.loss_weight,
+            backend=self.backend,
         )
         return self._record(out)

@@ -173,15 +173,17 @@ def _set_indices(prep: _Prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Ten
     return tp, fn, fp
 
 
-def _anchor_set_sums(feats: torch.Tensor, members: torch.Tensor, prep: _Prepared, sets: str
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For every pixel ``i``: sum of ``feats`` over the set ``S_{y_i}`` given by ``members``, and its size.
+def _set_table(feats: torch.Tensor, members: torch.Tensor, prep: _Prepared, sets: str
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums of ``feats`` over the sets given by ``members`` (dump-label indices of set
+    membership), their sizes, and every pixel's row ``S_{y_i}`` in them.
 
-    ``members`` are dump-label indices of set membership. ``sets="batch"``: one set per
-    class over the global batch (sums and counts all-reduced, the sums differentiably);
-    ``sets="image"``: one set per (image, class) pair, index ``b * K + k``, purely local
-    (an image never spans two processes, so no reduction is needed).
-    Returns ``(N, E)`` sums and ``(N,)`` counts (rows of ignored pixels are arbitrary).
+    ``sets="batch"``: one set per class over the global batch (sums and counts all-reduced,
+    the sums differentiably); ``sets="image"``: one set per (image, class) pair, row
+    ``b * K + k``, purely local (an image never spans two processes, so no reduction is
+    needed). Returns ``(R + 1, E)`` sums, ``(R + 1,)`` counts (the last row: an empty set,
+    the row of ignored pixels) and ``(N,)`` rows: one segmented reduction (``index_add``)
+    per set kind, whatever the number of classes.
     """
     k = prep.num_classes
     n, d = feats.shape
@@ -197,21 +199,28 @@ def _anchor_set_sums(feats: torch.Tensor, members: torch.Tensor, prep: _Prepared
         sums = feats.new_zeros(rows + 1, d).index_add(0, idx, feats)
         counts = bin_counts(idx, rows + 1).to(feats.dtype)
         row = torch.where(prep.dlabels < k, prep.image * k + prep.dlabels, torch.full_like(idx, rows))
-    return sums[row], counts[row]
+    return sums, counts, row
 
 
 def _calibration(emb: torch.Tensor, emb_hat: torch.Tensor, members: torch.Tensor, prep: _Prepared,
                  sets: str, calibration: str, sign: float) -> torch.Tensor:
-    """``1 + sign * m_i`` where ``m_i`` is the FN/FP similarity of anchor ``i``; 0 where the set is empty."""
+    """``1 + sign * m_i`` where ``m_i`` is the FN/FP similarity of anchor ``i``; 0 where the set is empty.
+
+    ``m_i = ê_i . t_{S(i)}``: the per-set vector ``t_S`` (the mean of the unit vectors, or the
+    unit vector of the sum) is formed on the ``(R, E)`` table of set sums, before it is
+    gathered to the ``N`` pixels, so that no ``(N, E)`` intermediate is normalised (or kept
+    for backward).
+    """
     if calibration == "mean_of_cosines":
         # mean_j cos(e_j, e_i) = e_i_hat . (sum_j e_j_hat) / |S|  -- no pixel-pair matrix
-        s, c = _anchor_set_sums(emb_hat, members, prep, sets)
-        m = (emb_hat * s).sum(1) / c.clamp(min=1)
+        sums, counts, row = _set_table(emb_hat, members, prep, sets)
+        table = sums / counts.clamp(min=1).unsqueeze(1)
     else:
         # cos(e_i, mean_j e_j): the direction of the mean is the direction of the sum
-        s, c = _anchor_set_sums(emb, members, prep, sets)
-        m = (emb_hat * F.normalize(s, dim=1, eps=_NORM_EPS)).sum(1)
-    return torch.where(c > 0, 1.0 + sign * m, torch.zeros_like(m))
+        sums, counts, row = _set_table(emb, members, prep, sets)
+        table = F.normalize(sums, dim=1, eps=_NORM_EPS)
+    m = (emb_hat * table.index_select(0, row)).sum(1)
+    return torch.where(counts.index_select(0, row) > 0, 1.0 + sign * m, torch.zeros_like(m))
 
 
 @dataclass
@@ -288,13 +297,13 @@ def _loss(prep: _Prepared, prototypes: torch.Tensor, prototype_valid: torch.Tens
         dl = prep.dlabels
         emb_hat = F.normalize(emb, dim=1, eps=_NORM_EPS)
         z = emb_hat @ F.normalize(proto, dim=1, eps=_NORM_EPS).t() / tau  # (N, K)
-        onehot = F.one_hot(dl, k + 1)[:, :k].to(dt)
+        onehot = (dl.unsqueeze(1) == torch.arange(k, device=dl.device)).to(dt)  # F.one_hot syncs
         base = hard_weight * (1.0 - prep.p_true)  # (1 - p_ik), detached (from logits.detach())
         target = _ce_target(prep, pvalid, labels, ignore_index, ce_resolution)
         gt = target.dlabels.clamp(max=k - 1)
         # classes without a prototype leave the softmax; non-anchor rows stay finite (masked later)
         keep = pvalid[None, :] | ~target.anchor[:, None]
-        total = torch.tensor(float(target.dlabels.numel()), dtype=dt, device=emb.device)
+        total = torch.full((), float(target.dlabels.numel()), dtype=dt, device=emb.device)  # no host copy
 
         def ce(calib: Optional[torch.Tensor]) -> torch.Tensor:
             zc = z if calib is None else z - onehot * (base * calib)[:, None]
