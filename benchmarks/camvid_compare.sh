@@ -26,21 +26,4 @@ ARGS=(compare --config camvid --data-root "$ROOT" --methods "$METHODS" --seeds 3
       --set train.steps=$STEPS --set train.eval_every=0 --set train.warmup_steps=50
       --set methods.cplus1.background_index=0 --no-progress "$@")
 .venv/bin/pixreg "${ARGS[@]}"
-.venv/bin/python - "$OUT" "${ARGS[*]}" <<'PY'
-import datetime, json, os, platform, shutil, sys, torch
-out, cmd = sys.argv[1], sys.argv[2]
-sys.path.insert(0, "benchmarks")
-from _machine import cpu_name
-cpu = cpu_name()
-head = (f"Command: `pixreg {cmd}`\n\nMachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"Python {platform.python_version()}\n\nDate: {datetime.date.today().isoformat()}\n\n")
-os.makedirs("benchmarks/results", exist_ok=True)
-open("benchmarks/results/camvid_compare.md", "w").write(head + open(os.path.join(out, "compare.md")).read())
-summary = json.load(open(os.path.join(out, "compare.json")))
-summary["command"], summary["machine"], summary["date"] = "pixreg " + cmd, cpu, datetime.date.today().isoformat()
-json.dump(summary, open("benchmarks/results/camvid_compare.json", "w"), indent=1, default=str)
-for f in os.listdir(out):
-    if f.startswith("per_class_iou") and f.endswith(".png"):
-        shutil.copy(os.path.join(out, f), os.path.join("benchmarks/results", "camvid_" + f))
-PY
-echo "wrote benchmarks/results/camvid_compare.md"
+.venv/bin/python benchmarks/publish_compare.py "$OUT" camvid_compare "${ARGS[*]}"

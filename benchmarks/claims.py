@@ -17,8 +17,9 @@ holds), ``inconclusive at this power`` otherwise, with the smallest effect the s
 could have detected (80 % power; :func:`pixreg.train.stats.detectable_effect`).
 Rows whose runs are missing say ``not run``.
 
-CamVid rows come from the CamVid comparison (``benchmarks/camvid_compare.sh``, results in
-``benchmarks/results/camvid_compare.json``) when it exists.
+CamVid rows come from the CamVid comparisons when their results exist: from scratch
+(``benchmarks/camvid_compare.sh``, ``benchmarks/results/camvid_compare.json``) and on the
+frozen-encoder protocol (``benchmarks/camvid_frozen.sh``, ``benchmarks/results/camvid_frozen.json``).
 """
 from __future__ import annotations
 
@@ -231,19 +232,41 @@ def scoreboard(out: str, seeds: Sequence[int]) -> List[Dict[str, Any]]:
         if notes:
             row["verdict"] += " — degenerate: " + ", ".join(notes)
         rows.append(row)
-    camvid = os.path.join(ROOT, "benchmarks", "results", "camvid_compare.json")
-    if os.path.exists(camvid):
-        summ = json.load(open(camvid))
-        test = summ["splits"].get("test", {}).get("methods", {})
-        for paper, m in CAMVID:
-            if m not in test:
-                continue
-            d = test[m]["mIoU"]["diff"]
-            rows.append(dict(paper=paper, claim=f"{m} beats CE on CamVid", paper_number="gain reported", dataset="camvid",
-                             a=m, b="ce", metric="mIoU", split="test", direction=1, diff=d, verdict=judge(d, 1),
-                             mean_a=test[m]["mIoU"]["mean"], mean_b=test["ce"]["mIoU"]["mean"],
-                             values_a=test[m]["mIoU"]["values"], values_b=test["ce"]["mIoU"]["values"],
-                             protocol=summ.get("command", "")))
+    for dataset, name, protocol in CAMVID_RESULTS:
+        rows += camvid_rows(os.path.join(ROOT, "benchmarks", "results", f"{name}.json"), dataset, protocol)
+    return rows
+
+
+#: CamVid comparisons the scoreboard reads: (data label, results file stem, protocol words).
+CAMVID_RESULTS = (
+    ("camvid", "camvid_compare", "FCN-ResNet10 from scratch, 3 seeds"),
+    ("camvid (frozen Lite0)", "camvid_frozen", "frozen ImageNet EfficientNet-Lite0 + FPN decoder (benchmarks/camvid_frozen.sh)"),
+)
+
+
+def camvid_rows(path: str, dataset: str, protocol: str) -> List[Dict[str, Any]]:
+    """The "<regularizer> beats CE on CamVid" rows of one ``pixreg compare`` result file
+    (none when the file is absent); a side with single-class seeds is flagged."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        summ = json.load(f)
+    test = summ["splits"].get("test", {}).get("methods", {})
+    rows = []
+    for paper, m in CAMVID:
+        if m not in test or "ce" not in test:
+            continue
+        d = test[m]["mIoU"]["diff"]
+        row = dict(paper=paper, claim=f"{m} beats CE on CamVid", paper_number="gain reported", dataset=dataset,
+                   a=m, b="ce", metric="mIoU", split="test", direction=1, diff=d, verdict=judge(d, 1),
+                   mean_a=test[m]["mIoU"]["mean"], mean_b=test["ce"]["mIoU"]["mean"],
+                   values_a=test[m]["mIoU"]["values"], values_b=test["ce"]["mIoU"]["values"],
+                   protocol=f"{protocol}: {summ.get('command', '')}")
+        notes = [f"`{v}` predicts one class only in {len(test[v].get('single_class_seeds') or [])}/{len(summ['seeds'])} seeds"
+                 for v in (m, "ce") if test[v].get("single_class_seeds")]
+        if notes:
+            row["verdict"] += " — degenerate: " + ", ".join(notes)
+        rows.append(row)
     return rows
 
 
@@ -277,6 +300,26 @@ def render(rows: List[Dict[str, Any]], header: str) -> str:
     return "\n".join(lines)
 
 
+def refresh_camvid_rows(results: str, markdown: str) -> int:
+    """Replace the CamVid rows of the recorded scoreboard (``results`` JSON) by rows computed
+    from the CamVid result files now present, and rewrite ``markdown`` with the recorded header."""
+    with open(results) as f:
+        recorded = json.load(f)
+    rows = [r for r in recorded["rows"] if not str(r.get("dataset", "")).startswith("camvid")]
+    for dataset, name, protocol in CAMVID_RESULTS:
+        rows += camvid_rows(os.path.join(ROOT, "benchmarks", "results", f"{name}.json"), dataset, protocol)
+    with open(markdown) as f:
+        header = f.read().split("\n\n| paper |")[0]
+    md = render(rows, header)
+    with open(markdown, "w") as f:
+        f.write(md)
+    recorded["rows"] = rows
+    with open(results, "w") as f:
+        json.dump(recorded, f, indent=1, default=str)
+    print(md)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML config (default: built-in scenes defaults)")
@@ -288,7 +331,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--markdown", default=os.path.join(ROOT, "benchmarks", "claims.md"))
     p.add_argument("--progress", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated variants to train (default: all of them)")
+    p.add_argument("--camvid-only", action="store_true",
+                   help="train nothing; only refresh the CamVid rows of the recorded scoreboard from the "
+                        "CamVid result files (the scenes rows are kept as recorded)")
     args = p.parse_args(argv)
+    if args.camvid_only:
+        return refresh_camvid_rows(args.results, args.markdown)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.report_only:
         only = [v.strip() for v in args.only.split(",")] if args.only else None

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=_positive_int, default=2, help="number of seeds: 0..N-1 (default 2)")
     c.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (overrides --seeds)")
     c.add_argument("--out", "-o", default=None, help="output folder (default: runs/compare_<dataset>)")
+    c.add_argument("--jobs", "-j", type=int, default=1,
+                   help="runs trained at once in separate processes, sharing the --threads budget "
+                        "(default 1; e.g. --jobs 2 --threads 2: two 1-thread runs)")
+    c.add_argument("--report-only", action="store_true",
+                   help="train nothing: summarise the seeds whose runs of every method have finished")
 
     d = sub.add_parser("diagnose", help="report what the regularizers did to the pixel features of trained runs (HTML + PNG + CSV/JSON)")
     d.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding config.yaml and checkpoints/)")
@@ -203,7 +208,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         name = resolve_config(args.config, _overrides(args))["data"]["name"]
         out = os.path.join("runs", f"compare_{name}")
     compare(args.config, methods, seeds, out, overrides=_overrides(args), device=args.device,
-            progress=not args.no_progress, threads=args.threads)
+            progress=not args.no_progress, threads=args.threads, jobs=args.jobs,
+            report_only=args.report_only)
     return 0
 
 

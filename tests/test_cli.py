@@ -50,14 +50,14 @@ def test_camvid_yaml_resolves_without_scenes_options():
 def test_builtin_configs_by_name_or_former_path(tmp_path, monkeypatch):
     from pixreg.train.config import builtin_configs, find_config
 
-    assert builtin_configs() == ["camvid", "scenes"]
+    assert builtin_configs() == ["camvid", "camvid_frozen", "scenes"]
     packaged = find_config("camvid")
     assert os.path.isfile(packaged) and os.path.dirname(packaged).endswith(os.path.join("pixreg", "configs"))
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: names resolve to the package data
     assert find_config("configs/camvid.yaml") == packaged == find_config("camvid.yaml")
     (tmp_path / "camvid").write_text("seed: 3\n")  # an existing file wins over a built-in name
     assert find_config("camvid") == "camvid" and resolve_config("camvid")["seed"] == 3
-    with pytest.raises(FileNotFoundError, match=r"--config 'nosuch'.*built-in: camvid, scenes"):
+    with pytest.raises(FileNotFoundError, match=r"--config 'nosuch'.*built-in: camvid, camvid_frozen, scenes"):
         resolve_config("nosuch")
     with pytest.raises(FileNotFoundError, match="elsewhere/camvid.yaml"):
         find_config("elsewhere/camvid.yaml")  # a real path is never silently replaced

@@ -84,7 +84,7 @@ def _hooked_forward(model, x):
 
 
 def test_registry_names():
-    assert M.MODELS == ("fcn_resnet", "unet", "efficientnet_lite0")
+    assert M.MODELS == ("fcn_resnet", "unet", "efficientnet_lite0", "fpn_decoder")
     with pytest.raises(ValueError, match="unknown model"):
         M.build_model("fcn_resnet50", K)
     with pytest.raises(TypeError):

@@ -36,6 +36,7 @@ def test_summary_pairs_seeds_and_reads_the_curves(tmp_path, monkeypatch):
     # late gain: mean CE val mIoU at the end (400) minus at 75 % of the schedule (300)
     assert math.isclose(r["late_gain_val_mIoU"], 1.0)
     assert r["cpu_hours_for_1pt"] == pytest.approx(r["seeds_for_1pt"] * 2 * 100.0 / 3600)
+    assert r["pooled_sd"] == pytest.approx(0.5) and r["seeds_for_05pt"] > r["seeds_for_1pt"]
     text = mod.report([r], "python benchmarks/protocols.py --report-only")
     assert "| scratch_800:" in text and "+1.00 [" in text
     # a protocol with a missing run is not summarised

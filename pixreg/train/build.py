@@ -23,6 +23,10 @@ def make_dataset(cfg: Mapping[str, Any], split: str, *, train: bool = False, cac
     from ..data import build_dataset
 
     d = cfg["data"]
+    if d.get("features"):  # frozen-encoder protocol: cached encoder features (pixreg.train.features)
+        from .features import feature_dataset
+
+        return feature_dataset(cfg, split, train=train)
     size = d["size"]
     if not train:
         size = size if d.get("eval_size", "same") == "same" else d.get("eval_size")

@@ -88,8 +88,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, requi
         raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint (not written by torch.save, "
                               "or not a checkpoint at all)") from None
     except Exception as err:  # text, empty or truncated files fail in many ways inside torch.load
-        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint "
-                              f"({type(err).__name__}: {_first_line(err)[:160]})") from None
+        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint (a text, empty, truncated or "
+                              f"corrupt file; torch.load said {type(err).__name__}: {_first_line(err)[:160]})") from None
     if not isinstance(obj, dict) or any(k not in obj for k in required):
         have = sorted(map(str, obj))[:6] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(

@@ -116,6 +116,8 @@ def scan_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> Non
     key = json.dumps(d, sort_keys=True, default=str)
     if key in _SCANNED:
         return
+    if d.get("features"):  # cached encoder features: scan their source images
+        cfg = dict(cfg, data=dict(d, features=None, augment=False))
     datasets = check_datasets(cfg)
     splits = {d["train_split"]: datasets.pop("__train__")}
     splits.update({s: ds for s, ds in datasets.items() if s not in splits})

@@ -20,30 +20,45 @@ would add its own noise) on every evaluated split. Written to ``OUT``:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
 
 from . import process_group
 from .checks import check_output_folder, check_settings
 from .config import resolve_config
+from .features import prepare_feature_caches
 from .methods import method_slug
 from .metrics import LOWER_IS_BETTER, METRIC_NAMES
 from .stats import DETECTABLE_NAME, INTERVAL_NAME, mean_std, paired_interval, seeds_needed, verdict
 from .evaluation import progress_bar
-from .run import write_json
+from .run import run_status, write_json
 from .trainer import train
 
-__all__ = ["compare", "summarize", "render_markdown", "plot_per_class"]
+__all__ = ["compare", "summarize", "render_markdown", "plot_per_class", "predicts_one_class"]
 
 _LABELS = {"mIoU": "mIoU", "mAcc": "mAcc", "aAcc": "aAcc", "bg_to_coi": "bg→CoI", "distractor_to_coi": "distractor→CoI"}
 
 
 def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[int], out_dir: str, *,
             overrides: Sequence[str] = (), device: Optional[str] = None, progress: bool = True,
-            threads: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+            threads: Optional[int] = None, jobs: int = 1, report_only: bool = False,
+            log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train/evaluate ``methods`` x ``seeds`` (skipping finished runs), then summarise.
+
+    ``jobs > 1`` trains that many runs at once in separate processes, within a thread
+    budget of ``threads`` (default: all CPU cores): each run gets ``threads // jobs``
+    threads. Runs are started seed by seed (every method of seed 0 first), so an
+    interrupted compare leaves complete pairs; running it again resumes it (finished runs
+    are read, interrupted ones continue from their last checkpoint). ``report_only``
+    trains nothing: it summarises the seeds whose runs of every method have finished
+    (e.g. while a compare is still running). Feature caches of
+    the frozen-encoder protocol (``data.features``, :mod:`pixreg.train.features`) are
+    built once, before any run, and shared by every method and seed.
 
     Returns the summary dict written to ``compare.json``.
     """
@@ -52,37 +67,60 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
         raise ValueError(f"--methods lists a method twice: {list(methods)}")
     if not seeds:
         raise ValueError("need at least one seed")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
+    budget = int(threads) if threads else (os.cpu_count() or 1)
+    if jobs > budget:
+        raise ValueError(f"--jobs {jobs} exceeds the thread budget --threads {budget} (one thread per run at least)")
+    run_threads = threads if jobs == 1 else budget // jobs
     base_cfg = resolve_config(config_path, overrides, device=device, threads=threads)
     check_output_folder(out_dir)
     for slug in slugs:  # every method's settings, datasets and options, before the first run trains
         check_settings(resolve_config(config_path, overrides, method=slug, seed=int(seeds[0]), device=device, threads=threads))
     ctx = process_group.setup(base_cfg["device"])
+    if jobs > 1 and ctx.distributed:
+        raise ValueError("--jobs > 1 cannot be combined with torchrun (each run is already distributed)")
     try:
         os.makedirs(out_dir, exist_ok=True)
+        if ctx.is_main and not report_only:
+            if threads:
+                torch.set_num_threads(int(threads))
+            prepare_feature_caches(base_cfg, progress=progress, log=log)
+        process_group.barrier(ctx)
         runs: Dict[str, Dict[int, Dict[str, Any]]] = {s: {} for s in slugs}
         dirs: Dict[str, Dict[str, str]] = {s: {} for s in slugs}
         t0 = time.perf_counter()
-        jobs = [(seed, slug) for seed in seeds for slug in slugs]
-        outer = progress_bar(total=len(jobs), enabled=progress and ctx.is_main, desc="compare", unit="run", leave=True, position=1)
+        specs = [RunSpec(config_path, tuple(overrides), slug, int(seed), device, run_threads,
+                         os.path.join(out_dir, slug.replace("+", "_"), f"seed{seed}"))
+                 for seed in seeds for slug in slugs]
+        outer = progress_bar(total=len(specs), enabled=progress and ctx.is_main, desc="compare", unit="run", leave=True, position=1)
+
+        def done(i: int, spec: "RunSpec", metrics: Mapping[str, Any], secs: float) -> None:
+            if ctx.is_main:
+                log(f"[{i + 1}/{len(specs)}] {spec.method:>10} seed {spec.seed}: "
+                    + ", ".join(f"{split} mIoU {m['mIoU']:.2f}" for split, m in metrics["splits"].items())
+                    + f"  ({secs:.1f} s)")
+            runs[spec.method][spec.seed] = dict(metrics)
+            dirs[spec.method][str(spec.seed)] = spec.run_dir
+            outer.update(1)
+
         try:
-            for i, (seed, slug) in enumerate(jobs):
-                cfg = resolve_config(config_path, overrides, method=slug, seed=int(seed), device=device, threads=threads)
-                run_dir = os.path.join(out_dir, slug.replace("+", "_"), f"seed{seed}")
-                outer.set_description(f"compare [{slug} seed {seed}]")
-                t_run = time.perf_counter()
-                metrics = train(cfg, run_dir, resume=True, progress=progress, ctx=ctx, log=log)
-                if ctx.is_main:
-                    log(f"[{i + 1}/{len(jobs)}] {slug:>10} seed {seed}: "
-                        + ", ".join(f"{split} mIoU {m['mIoU']:.2f}" for split, m in metrics["splits"].items())
-                        + f"  ({time.perf_counter() - t_run:.1f} s)")
-                runs[slug][int(seed)] = metrics
-                dirs[slug][str(seed)] = run_dir
-                outer.update(1)
+            if report_only:
+                seeds = _report_finished(specs, done, log)
+            elif jobs == 1:
+                for i, spec in enumerate(specs):
+                    outer.set_description(f"compare [{spec.method} seed {spec.seed}]")
+                    t_run = time.perf_counter()
+                    metrics = train(spec.config(), spec.run_dir, resume=True, progress=progress, ctx=ctx, log=log)
+                    done(i, spec, metrics, time.perf_counter() - t_run)
+            else:
+                _run_parallel(specs, jobs, done, log)
         finally:
             outer.close()
         summary = summarize(runs, [int(s) for s in seeds], slugs)
         summary["run_dirs"] = dirs
         summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        summary["jobs"], summary["threads_per_run"] = jobs, run_threads
         summary["config"] = base_cfg
         if ctx.is_main:
             md = render_markdown(summary)
@@ -99,6 +137,76 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
         return summary
     finally:
         process_group.teardown(ctx)
+
+
+class RunSpec(NamedTuple):
+    """One run of a compare: what :func:`_run_one` needs to rebuild its config in a fresh process."""
+
+    config_path: Optional[str]
+    overrides: Tuple[str, ...]
+    method: str
+    seed: int
+    device: Optional[str]
+    threads: Optional[int]
+    run_dir: str
+
+    def config(self) -> Dict[str, Any]:
+        return resolve_config(self.config_path, list(self.overrides), method=self.method, seed=self.seed,
+                              device=self.device, threads=self.threads)
+
+
+def _report_finished(specs: Sequence[RunSpec], done: Callable[..., None], log: Callable[[str], None]) -> List[int]:
+    """Read the finished runs of ``specs``; return the seeds finished for every method."""
+    finished = {(sp.method, sp.seed) for sp in specs if run_status(sp.run_dir) == "finished"}
+    methods = list(dict.fromkeys(sp.method for sp in specs))
+    seeds = [s for s in dict.fromkeys(sp.seed for sp in specs) if all((m, s) in finished for m in methods)]
+    if not seeds:
+        raise ValueError("--report-only: no seed has finished runs of every method yet")
+    left = sorted({sp.seed for sp in specs} - set(seeds))
+    if left:
+        log(f"--report-only: seeds {left} are not finished for every method; summarising seeds {seeds}")
+    for i, sp in enumerate(specs):
+        if sp.seed in seeds:
+            with open(os.path.join(sp.run_dir, "metrics.json")) as f:
+                done(i, sp, json.load(f), 0.0)
+    return seeds
+
+
+def _run_one(spec: RunSpec) -> Tuple[Dict[str, Any], float]:
+    """Train one run in a worker process (no progress bars); returns its metrics and seconds."""
+    t = time.perf_counter()
+    metrics = train(spec.config(), spec.run_dir, resume=True, progress=False,
+                    log=lambda msg: print(f"[{spec.method} seed {spec.seed}] {msg}", flush=True))
+    return metrics, time.perf_counter() - t
+
+
+def _run_parallel(specs: Sequence[RunSpec], jobs: int, done: Callable[..., None], log: Callable[[str], None]) -> None:
+    """Run ``specs`` in ``jobs`` spawned processes, in order; ``done`` is called as each finishes.
+    On a failure no new run is started, the running ones finish, and the first error is raised
+    (finished runs stay on disk, so running the compare again resumes it)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    error: Optional[BaseException] = None
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(_run_one, spec): i for i, spec in enumerate(specs)}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                i = pending.pop(fut)
+                try:
+                    metrics, secs = fut.result()
+                except BaseException as err:  # noqa: BLE001 - reported after the running ones finish
+                    if error is None:
+                        error = err
+                        log(f"run {specs[i].method} seed {specs[i].seed} failed: {err}; stopping after the running runs")
+                        for f in pending:
+                            f.cancel()
+                    continue
+                done(i, specs[i], metrics, secs)
+            pending = {f: i for f, i in pending.items() if not f.cancelled()}
+    if error is not None:
+        raise error
 
 
 def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequence[int], methods: Sequence[str]) -> Dict[str, Any]:
@@ -128,9 +236,17 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], seeds: Sequen
             classes = list(runs[me][seeds[0]]["splits"][split].get("per_class_iou", {}))
             entry["per_class_iou"] = {c: mean_std([runs[me][s]["splits"][split]["per_class_iou"].get(c) for s in seeds]) for c in classes}
             entry["train_time_s"] = mean_std([runs[me][s].get("train_time_s") for s in seeds])
+            entry["single_class_seeds"] = [s for s in seeds if predicts_one_class(runs[me][s]["splits"][split])]
             per_split["methods"][me] = entry
         out["splits"][split] = per_split
     return out
+
+
+def predicts_one_class(split_metrics: Mapping[str, Any]) -> bool:
+    """Whether a model predicts (almost) nothing but one class on a split: every class but the
+    best has an IoU below 1 %. Numbers from such a run say little and are flagged."""
+    ious = sorted(v for v in (split_metrics.get("per_class_iou") or {}).values() if v is not None and v == v)
+    return len(ious) > 1 and ious[-2] < 1.0
 
 
 def _num(v: Optional[float], nd: int = 2) -> str:
@@ -160,6 +276,13 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             cells.append(_num(e["train_time_s"]["mean"], 0))
             lines.append(f"| {me} | " + " | ".join(cells) + " |")
         lines.append("")
+        flagged = {me: data["methods"][me].get("single_class_seeds") for me in methods}
+        flagged = {me: v for me, v in flagged.items() if v}
+        if flagged:
+            lines.append("**Single-class models** (every class but one below 1 % IoU; their numbers say little): "
+                         + "; ".join(f"`{me}` seeds {v}" for me, v in flagged.items()) + ".")
+            lines.append("")
+        lines.extend(_per_class_table(data, methods))
         others = [me for me in methods if me != base]
         if others:
             lines.append(f"Paired difference to `{base}` (mean [95% CI]; * = interval excludes 0):")
@@ -182,6 +305,19 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             if "mIoU" in metrics:
                 lines.extend(_power_table(data, others, base, len(seeds)))
     return "\n".join(lines)
+
+
+def _per_class_table(data: Mapping[str, Any], methods: Sequence[str]) -> List[str]:
+    """Per-class IoU, mean over seeds (classes as rows)."""
+    classes = list(data["methods"][methods[0]].get("per_class_iou") or {})
+    if not classes:
+        return []
+    lines = ["Per-class IoU (%, mean over seeds):", "", "| class | " + " | ".join(methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(_num(data["methods"][me]["per_class_iou"][c]["mean"], 1) for me in methods) + " |")
+    lines.append("")
+    return lines
 
 
 def _power_table(data: Mapping[str, Any], others: Sequence[str], base: str, n_seeds: int) -> List[str]:

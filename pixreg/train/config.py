@@ -2,7 +2,7 @@
 
 A configuration is a plain nested ``dict``. :data:`DEFAULTS` lists every key the
 trainer reads; a YAML file overrides some of them: a path, or the name of a configuration
-shipped inside the package (:func:`builtin_configs`: ``scenes``, ``camvid``; ``--config camvid``
+shipped inside the package (:func:`builtin_configs`: ``scenes``, ``camvid``, ``camvid_frozen``; ``--config camvid``
 works from an installed wheel, see :func:`find_config`), and ``--set`` overrides (values parsed as YAML: ``--set train.lr=0.01``,
 ``--set data.size=[64,64]``, ``--set methods.car.loss_weight=0.5``) come last.
 
@@ -63,6 +63,7 @@ DEFAULTS: Dict[str, Any] = {
         "num_workers": 0,
         "check": True,  # read every sample once before training (pixreg.data.preflight); false: skip
         "opts": {"digits": [0, 1, 2, 3, 4]},  # extra keyword options of pixreg.data.build_dataset
+        "features": None,  # frozen-encoder protocol: cached encoder features (pixreg.train.features)
     },
     "model": {
         "name": "fcn_resnet",
@@ -107,7 +108,7 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 #: Sections whose sub-keys are free-form (checked by whoever consumes them).
-FREE_FORM = ("data.opts", "model.opts", "methods")
+FREE_FORM = ("data.opts", "data.features", "model.opts", "methods")
 
 #: Keys that may differ between a run's saved config and the config given to ``--resume``
 #: (they do not change what is computed).
@@ -116,6 +117,8 @@ RESUME_MUTABLE = (
     "threads",
     "data.root",
     "data.cache_dir",
+    "data.features.cache_dir",
+    "data.features.batch_size",
     "data.num_workers",
     "data.check",
     "train.log_every",
@@ -141,7 +144,7 @@ def builtin_configs() -> List[str]:
     """Names of the configurations shipped as package data (``pixreg/configs/NAME.yaml``).
 
     >>> builtin_configs()
-    ['camvid', 'scenes']
+    ['camvid', 'camvid_frozen', 'scenes']
     """
     return sorted(n[:-5] for n in os.listdir(_config_dir()) if n.endswith(".yaml"))
 

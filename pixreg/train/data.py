@@ -140,11 +140,18 @@ def eval_collate(samples: Sequence[Any]) -> List[Any]:
     variable-size images can then be evaluated at their native resolution)."""
     groups: List[List[Any]] = []
     for s in samples:
-        if groups and tuple(groups[-1][0][0].shape) == tuple(s[0].shape):
+        if groups and _shape(groups[-1][0][0]) == _shape(s[0]):
             groups[-1].append(s)
         else:
             groups.append([s])
     return [default_collate(g) for g in groups]
+
+
+def _shape(x: Any) -> Tuple:
+    """Shape of a tensor, or the shapes of a list of tensors (feature levels)."""
+    if isinstance(x, (list, tuple)):
+        return tuple(tuple(t.shape) for t in x)
+    return tuple(x.shape)
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> List[int]:

@@ -15,7 +15,7 @@ from torch import nn
 from . import process_group
 from .data import eval_collate, shard_indices
 
-__all__ = ["evaluate", "progress_bar", "amp_context"]
+__all__ = ["evaluate", "progress_bar", "amp_context", "to_device"]
 
 
 def progress_bar(iterable=None, *, enabled: bool = True, **kw):
@@ -71,6 +71,14 @@ def amp_context(enabled: bool, device: torch.device):
 
 
 @torch.no_grad()
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """``x.to(device)`` for a tensor, element-wise for a list/tuple of tensors (the feature
+    levels of the frozen-encoder protocol)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(t.to(device, non_blocking=True) for t in x)
+    return x.to(device, non_blocking=True)
+
 def evaluate(model: nn.Module, dataset, *, batch_size: int = 16, device: torch.device | str = "cpu",
              num_workers: int = 0, amp: bool = False, progress: bool = True, desc: str = "eval",
              ctx: Optional[process_group.DistContext] = None) -> Dict[str, Any]:
@@ -94,7 +102,7 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 16, device: torch.d
     try:
         for groups in bar:
             for batch in groups:
-                images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                images, labels = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
                 distractor = batch[2] if len(batch) > 2 else None
                 with amp_context(amp, device):
                     logits = model(images)

@@ -52,7 +52,7 @@ from .checkpoint import atomic_save, load_checkpoint, load_state, remove_stale_t
 from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml, resolve_config, resolve_methods
 from .checks import preflight, scan_data
 from .data import SeededDataset, StepBatchSampler, collate
-from .evaluation import amp_context, evaluate, progress_bar
+from .evaluation import amp_context, evaluate, progress_bar, to_device
 from .build import build_run, make_dataset
 from .methods import method_slug
 
@@ -545,7 +545,7 @@ class Run:
 
     def step(self, batch) -> None:
         """One optimisation step, then (in this order) logging, validation, checkpoint."""
-        images, labels = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+        images, labels = to_device(batch[0], self.device), batch[1].to(self.device, non_blocking=True)
         self.valid_pixels += (labels != self.ignore_index).sum()
         lr = float(self.optimizer.param_groups[0]["lr"])
         with amp_context(bool(self.t["amp"]), self.device):
