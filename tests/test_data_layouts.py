@@ -300,6 +300,12 @@ def test_train_checks_the_data_before_writing_the_run_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "train: 4 images (32x32)" in printed and "val: 1 image (32x32)" in printed
     assert (out / "metrics.json").exists()
+    # compare: refused before its output folder is made
+    (data_root / "images" / "m0.png").write_bytes(b"broken")
+    cmp_out = tmp_path / "cmp"
+    cmp_args = ["compare", "--methods", "ce,lall", "--seeds", "1", "--out", str(cmp_out)] + args[3:]
+    assert main(cmp_args) == 2
+    assert "m0.png: cannot decode" in capsys.readouterr().err and not cmp_out.exists()
 
 
 def test_data_check_false_skips_the_scan(tmp_path):

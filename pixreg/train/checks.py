@@ -102,25 +102,39 @@ def preflight(cfg: Mapping[str, Any], run_dir: str) -> None:
 _SCANNED: set = set()
 
 
+def _files_fingerprint(datasets: Any) -> int:
+    """Hash of the size and modification time of every file the datasets list (``files``)."""
+    stats = []
+    for ds in datasets:
+        for path in (p for pair in getattr(ds, "files", ()) for p in pair):
+            try:
+                st = os.stat(path)
+                stats.append((path, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((path, -1, -1))
+    return hash(tuple(stats))
+
+
 def scan_data(cfg: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
     """Read every sample of the training, validation and test splits once
     (:func:`pixreg.data.preflight`): corrupt or truncated files, image/label size mismatches,
     labels outside the classes and unknown colours raise :class:`pixreg.data.DatasetError`
     listing them all; one summary line per split is logged. Done once per process for a given
-    ``data`` configuration; ``data.check: false`` skips it."""
+    ``data`` configuration and unchanged files (sizes and modification times, so that
+    ``compare`` scans once); ``data.check: false`` skips it."""
     from ..data import preflight as scan
 
     d = cfg["data"]
     if not d.get("check", True):
-        return
-    key = json.dumps(d, sort_keys=True, default=str)
-    if key in _SCANNED:
         return
     if d.get("features"):  # cached encoder features: scan their source images
         cfg = dict(cfg, data=dict(d, features=None, augment=False))
     datasets = check_datasets(cfg)
     splits = {d["train_split"]: datasets.pop("__train__")}
     splits.update({s: ds for s, ds in datasets.items() if s not in splits})
+    key = (json.dumps(d, sort_keys=True, default=str), _files_fingerprint(splits.values()))
+    if key in _SCANNED:
+        return
     reports = scan(splits, log=log)
     labelled = reports[d["train_split"]].class_pixels
     if labelled is not None and int(labelled.sum()) == 0:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 
 from . import process_group
-from .checks import check_output_folder, check_settings
+from .checks import check_output_folder, check_settings, scan_data
 from .config import resolve_config
 from .features import prepare_feature_caches
 from .methods import method_slug
@@ -77,6 +77,8 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
     check_output_folder(out_dir)
     for slug in slugs:  # every method's settings, datasets and options, before the first run trains
         check_settings(resolve_config(config_path, overrides, method=slug, seed=int(seeds[0]), device=device, threads=threads))
+    if int(os.environ.get("RANK", "0")) == 0:
+        scan_data(base_cfg, log)  # every sample read once, before out_dir is made (runs reuse the result)
     ctx = process_group.setup(base_cfg["device"])
     if jobs > 1 and ctx.distributed:
         raise ValueError("--jobs > 1 cannot be combined with torchrun (each run is already distributed)")
