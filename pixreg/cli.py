@@ -12,7 +12,7 @@ Examples::
 Every option of the YAML configuration can be overridden with ``--set key.sub=value``
 (the value is parsed as YAML). ``python -m pixreg`` is the same program. Under
 ``torchrun --nproc_per_node N -m pixreg train ...`` training is distributed (see
-:mod:`pixreg.train.dist`).
+:mod:`pixreg.train.process_group`).
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def _print_metrics(splits, header: str = "") -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import dist as dist_utils
+    from .train import process_group
     from .train.evaluation import evaluate
     from .train.run import load_run, make_dataset, resolve_checkpoint, run_config, write_json
 
@@ -168,7 +168,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             datasets[split] = make_dataset(cfg, split)
         except (ValueError, OSError) as err:
             raise ValueError(f"--splits: split {split!r} of dataset {cfg['data']['name']!r}: {err}") from err
-    ctx = dist_utils.setup(cfg["device"])
+    ctx = process_group.setup(cfg["device"])
     try:
         run = load_run(args.run, checkpoint=args.checkpoint, device=str(ctx.device), dataset=datasets[splits[0]], cfg=cfg,
                        load_criterion=False)
@@ -183,7 +183,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             write_json(out, json_path)
             _print_metrics(results, header=f"{args.run} ({name}, step {out['step']}) -> {json_path}")
     finally:
-        dist_utils.teardown(ctx)
+        process_group.teardown(ctx)
     return 0
 
 

@@ -67,7 +67,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
-    "is_distributed", "world_size", "all_reduce_sum", "all_reduce_sum_no_grad",
+    "is_distributed", "all_reduce_sum", "all_reduce_sum_no_grad",
     "GlobalBatchNorm", "GlobalBatchNorm1d", "GlobalBatchNorm2d", "GlobalBatchNorm3d", "convert_global_batchnorm",
     "sync_batchnorm",
 ]
@@ -76,10 +76,6 @@ __all__ = [
 def is_distributed() -> bool:
     """True when a process group with more than one process is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -36,18 +36,6 @@ def set_args(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # runs set torch's thread count from their config
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("scenes_cache"))
-
-
 # ----------------------------------------------------------------------------- configuration
 def test_scenes_yaml_equals_builtin_defaults():
     assert config_diff(resolve_config("scenes"), resolve_config(None)) == []
@@ -190,6 +178,31 @@ def test_metrics_match_torchmetrics_and_hand_counts():
     d = distractor & valid
     assert r["distractor_to_coi"] == pytest.approx(100 * float((d & (preds != 0)).sum() / d.sum()))
     assert r["pixels"] == int(valid.sum())
+
+
+def test_segmentation_metrics_is_a_torchmetrics_metric_with_summed_states():
+    """One sync path: every state is declared with dist_reduce_fx="sum", so the metrics of
+    shards merged the way processes are synchronised equal those of the whole split."""
+    from torchmetrics import Metric
+
+    g = torch.Generator().manual_seed(1)
+    preds, labels = torch.randint(0, 4, (4, 6, 6), generator=g), torch.randint(0, 4, (4, 6, 6), generator=g)
+    labels[0, 0] = 255
+    distractor = torch.rand(4, 6, 6, generator=g) > 0.6
+    whole = SegmentationMetrics(4, 255, background_index=0)
+    whole.update(preds, labels, distractor)
+    assert isinstance(whole, Metric) and set(whole.metric_state) == {"confmat", "distractor", "distractor_batches"}
+    shards = [SegmentationMetrics(4, 255, background_index=0) for _ in range(2)]
+    shards[0].update(preds[:2], labels[:2], distractor[:2])
+    shards[1].update(preds[2:], labels[2:], None)  # a shard without distractor masks
+    shards[0].merge_state(shards[1])  # the reduction the process sync applies
+    merged, ref = shards[0].compute(), whole.compute()
+    assert {k: merged[k] for k in ("mIoU", "mAcc", "aAcc", "bg_to_coi", "pixels")} == \
+        {k: ref[k] for k in ("mIoU", "mAcc", "aAcc", "bg_to_coi", "pixels")}
+    d = distractor[:2] & (labels[:2] != 255)
+    assert merged["distractor_to_coi"] == pytest.approx(100 * float((d & (preds[:2] != 0)).sum() / d.sum()))
+    whole.reset()
+    assert int(whole.confmat.sum()) == 0 and int(whole.distractor_batches) == 0
 
 
 # ----------------------------------------------------------------------------- data order

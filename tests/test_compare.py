@@ -7,7 +7,6 @@ import math
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("yaml")
 
@@ -22,18 +21,6 @@ def tiny(cache: str) -> list:
         "model.opts={width: 4, depth: 10, head_channels: 8}", "train.steps=5", "train.batch_size=4",
         "train.ckpt_every=5", "eval.batch_size=8", "threads=1", f"data.cache_dir={cache}",
     ]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # runs set torch's thread count from their config
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("scenes_cache"))
 
 
 # ----------------------------------------------------------------------------- statistics

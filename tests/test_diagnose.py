@@ -16,13 +16,6 @@ pytest.importorskip("torchmetrics")
 from pixreg.viz.stats import FeatureStats, Reservoir, calibration_maps, nearest_centre_distance  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- numbers
 def test_feature_stats_match_brute_force():
     g = torch.Generator().manual_seed(0)

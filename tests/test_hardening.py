@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("yaml")
 pytest.importorskip("torchmetrics")
 
-from test_cli import _restore_threads, cache, set_args, tiny  # noqa: E402,F401  (fixtures and run helpers)
+from test_cli import set_args, tiny  # noqa: E402  (run helpers; fixtures in conftest.py)
 
 import pixreg  # noqa: E402
 from pixreg.cli import main  # noqa: E402

@@ -52,18 +52,6 @@ def _env():
     return env
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # runs set torch's thread count from their config
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("scenes_cache"))
-
-
 def _ckpt_step(path: str) -> int:
     try:
         return int(load_checkpoint(path)["step"])
@@ -230,7 +218,7 @@ def test_run_creation_is_two_phase_and_load_run_reads_it_back(tmp_path, cache):
     """plan_run checks everything and writes nothing; open_run_folder is the first write;
     load_run rebuilds the trained model from the folder (last or best checkpoint)."""
     from pixreg.train.config import resolve_config
-    from pixreg.train.dist import DistContext
+    from pixreg.train.process_group import DistContext
     from pixreg.train.run import RunPaths, load_run, open_run_folder, plan_run, resolve_checkpoint
     from pixreg.train.trainer import train
 

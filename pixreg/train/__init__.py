@@ -9,14 +9,17 @@ Python API behind the ``pixreg`` command line (:mod:`pixreg.cli`):
 * :func:`build_criterion` / :func:`parse_method` -- the method registry.
 """
 from .config import DEFAULTS, resolve_config
-from .metrics import SegmentationMetrics
 from .methods import METHODS, build_criterion, method_slug, parse_method
 
 __all__ = ["DEFAULTS", "resolve_config", "SegmentationMetrics", "METHODS", "build_criterion", "method_slug",
            "parse_method", "train", "evaluate", "compare_methods"]
 
 
-def __getattr__(name):  # lazy: importing pixreg.train does not pull tensorboard/matplotlib
+def __getattr__(name):  # lazy: importing pixreg.train does not pull torchmetrics/tensorboard/matplotlib
+    if name == "SegmentationMetrics":
+        from .metrics import SegmentationMetrics
+
+        return SegmentationMetrics
     if name in ("train", "evaluate"):
         from . import trainer
 

@@ -7,7 +7,7 @@ truncated file. Checkpoints hold only tensors and plain Python values (RNG state
 converted), so they load with ``torch.load(weights_only=True)``: no arbitrary
 unpickling.
 
-Contents of ``checkpoints/last.pt`` (see :mod:`pixreg.train.trainer`): ``step``,
+Contents of ``checkpoints/last.pt`` (written by :class:`pixreg.train.run.Run`): ``step``,
 ``model``, ``criterion`` (centres, prototypes, step counter), ``optimizer``,
 ``scheduler``, ``scaler`` (AMP), ``rng`` (one entry per process: Python, NumPy, torch
 CPU and CUDA), ``sampler`` (data order: seed, global batch size, dataset length),

@@ -1,6 +1,6 @@
 """Checks made before a run writes anything: output folder, dataset splits, method.
 
-:func:`preflight` is called by :func:`pixreg.train.trainer.train` after the configuration
+:func:`preflight` is called by :func:`pixreg.train.run.plan_run` after the configuration
 has been validated (:func:`pixreg.train.config.validate`) and before the run folder is
 touched (and, in the main process, :func:`scan_data` reads every sample once), so that a
 setting that can only fail later (a test split that does not exist, a

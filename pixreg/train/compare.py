@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 import torch
 
-from . import dist as dist_utils
+from . import process_group
 from .checks import check_output_folder, check_settings, scan_data
 from .config import resolve_config
 from .features import prepare_feature_caches
@@ -79,7 +79,7 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
         check_settings(resolve_config(config_path, overrides, method=slug, seed=int(seeds[0]), device=device, threads=threads))
     if int(os.environ.get("RANK", "0")) == 0:
         scan_data(base_cfg, log)  # every sample read once, before out_dir is made (runs reuse the result)
-    ctx = dist_utils.setup(base_cfg["device"])
+    ctx = process_group.setup(base_cfg["device"])
     if jobs > 1 and ctx.distributed:
         raise ValueError("--jobs > 1 cannot be combined with torchrun (each run is already distributed)")
     try:
@@ -88,7 +88,7 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
             if threads:
                 torch.set_num_threads(int(threads))
             prepare_feature_caches(base_cfg, progress=progress, log=log)
-        dist_utils.barrier(ctx)
+        process_group.barrier(ctx)
         runs: Dict[str, Dict[int, Dict[str, Any]]] = {s: {} for s in slugs}
         dirs: Dict[str, Dict[str, str]] = {s: {} for s in slugs}
         t0 = time.perf_counter()
@@ -135,10 +135,10 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
             except ImportError as err:  # pragma: no cover - matplotlib missing
                 log(f"no per-class plot: {err}")
             log(md)
-        dist_utils.barrier(ctx)
+        process_group.barrier(ctx)
         return summary
     finally:
-        dist_utils.teardown(ctx)
+        process_group.teardown(ctx)
 
 
 def degenerate_reasons(metrics: Mapping[str, Any]) -> List[str]:

@@ -12,9 +12,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from . import dist as dist_utils
+from . import process_group
 from .data import eval_collate, shard_indices
-from .metrics import SegmentationMetrics
 
 __all__ = ["evaluate", "progress_bar", "amp_context", "to_device"]
 
@@ -82,13 +81,15 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 def evaluate(model: nn.Module, dataset, *, batch_size: int = 16, device: torch.device | str = "cpu",
              num_workers: int = 0, amp: bool = False, progress: bool = True, desc: str = "eval",
-             ctx: Optional[dist_utils.DistContext] = None) -> Dict[str, Any]:
+             ctx: Optional[process_group.DistContext] = None) -> Dict[str, Any]:
     """Metrics of ``model`` on ``dataset`` (see :mod:`pixreg.train.metrics`).
 
     Under ``torch.distributed`` each process evaluates every ``W``-th image and the
     confusion matrices are summed. The model is put in eval mode and restored after.
     """
-    ctx = ctx or dist_utils.DistContext(device=torch.device(device))
+    from .metrics import SegmentationMetrics  # torchmetrics: the 'train' extra, needed from here on
+
+    ctx = ctx or process_group.DistContext(device=torch.device(device))
     device = torch.device(device)
     was_training = model.training
     model.eval()

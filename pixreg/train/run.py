@@ -48,7 +48,7 @@ from torch import nn
 from ..balance import CollapseGuard
 from ..criterion import RegularizedCriterion, RegularizedModel
 from ..distributed import all_reduce_sum_no_grad, sync_batchnorm
-from . import dist as dist_utils
+from . import process_group
 from .checkpoint import atomic_save, load_checkpoint, load_state, remove_stale_temporaries, rng_state, set_rng_state
 from .config import RESUME_MUTABLE, config_diff, dump_yaml, load_yaml, resolve_config, resolve_methods
 from .checks import preflight, scan_data
@@ -250,7 +250,7 @@ def write_json(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def degenerate_run_warnings(ctx: dist_utils.DistContext, valid_pixels: torch.Tensor, nonzero_loss: bool,
+def degenerate_run_warnings(ctx: process_group.DistContext, valid_pixels: torch.Tensor, nonzero_loss: bool,
                             steps: int, ignore_index: int) -> List[str]:
     """Warnings for a run that cannot have learned anything: every training label pixel was
     ``ignore_index`` (an all-void dataset), or the loss was exactly 0 at every step."""
@@ -323,7 +323,7 @@ class RunPlan:
     metrics: Optional[Dict[str, Any]] = None
 
 
-def plan_run(cfg: Mapping[str, Any], run_dir: str, *, resume: bool, overwrite: bool, ctx: dist_utils.DistContext,
+def plan_run(cfg: Mapping[str, Any], run_dir: str, *, resume: bool, overwrite: bool, ctx: process_group.DistContext,
              log: Callable[[str], None] = print) -> RunPlan:
     """Phase 1 of creating a run: every check, nothing written. Raises :class:`RunExists`
     for a run folder in use (without ``resume``/``overwrite``), ``ValueError`` naming the key,
@@ -344,7 +344,7 @@ def plan_run(cfg: Mapping[str, Any], run_dir: str, *, resume: bool, overwrite: b
     return RunPlan(paths, action)
 
 
-def open_run_folder(plan: RunPlan, cfg: Mapping[str, Any], ctx: dist_utils.DistContext,
+def open_run_folder(plan: RunPlan, cfg: Mapping[str, Any], ctx: process_group.DistContext,
                     log: Callable[[str], None] = print) -> None:
     """Phase 2 of creating a run, the first write: remove an overwritten run's outputs and
     any stale temporaries, create ``checkpoints/`` and write ``config.yaml``."""
@@ -356,7 +356,7 @@ def open_run_folder(plan: RunPlan, cfg: Mapping[str, Any], ctx: dist_utils.DistC
             elif os.path.exists(p):
                 os.remove(p)
     if plan.action == "overwrite":
-        dist_utils.barrier(ctx)
+        process_group.barrier(ctx)
     if ctx.is_main:
         for path in remove_stale_temporaries(plan.paths.root):
             log(f"removed {path} (left by an interrupted run)")
@@ -430,7 +430,7 @@ class Run:
     and :meth:`finish` for the final evaluation and ``metrics.json``.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], paths: RunPaths, ctx: dist_utils.DistContext, *,
+    def __init__(self, cfg: Mapping[str, Any], paths: RunPaths, ctx: process_group.DistContext, *,
                  log: Callable[[str], None] = print, progress: bool = True) -> None:
         self.cfg, self.paths, self.ctx, self.log, self.progress = dict(cfg), paths, ctx, log, progress
         self.t = self.cfg["train"]
@@ -506,7 +506,7 @@ class Run:
 
     def save(self, path: str, extra: Optional[Dict[str, Any]] = None) -> None:
         """Checkpoint the whole training state to ``path`` (atomic; a collective: every rank calls it)."""
-        states = dist_utils.all_gather_object(self.ctx, rng_state())
+        states = process_group.all_gather_object(self.ctx, rng_state())
         if not self.ctx.is_main:
             return
         obj = {
@@ -644,7 +644,7 @@ class Run:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-        dist_utils.barrier(self.ctx)
+        process_group.barrier(self.ctx)
         self.step_module.wrapped.capture.remove()
         return metrics
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from . import dist as dist_utils
+from . import process_group
 from .evaluation import evaluate, progress_bar
 from .run import (
     CSVLog, Run, RunExists, TrainStep, build_run, lr_factor, make_dataset, open_run_folder, plan_run, run_status,
@@ -28,7 +28,7 @@ __all__ = ["train", "evaluate", "build_run", "make_dataset", "seed_everything", 
 
 
 def train(cfg: Mapping[str, Any], run_dir: str, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, ctx: Optional[dist_utils.DistContext] = None,
+          progress: bool = True, ctx: Optional[process_group.DistContext] = None,
           log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train ``cfg["method"]`` with ``cfg["seed"]`` into ``run_dir``; return the final metrics.
 
@@ -39,19 +39,19 @@ def train(cfg: Mapping[str, Any], run_dir: str, *, resume: bool = False, overwri
             not retrained: its metrics are returned). Without it, an existing run raises
             :class:`RunExists` unless ``overwrite``.
         progress: tqdm bars.
-        ctx: distributed context (default: :func:`pixreg.train.dist.setup` from the environment).
+        ctx: distributed context (default: :func:`pixreg.train.process_group.setup` from the environment).
     """
     own_ctx = ctx is None
-    ctx = ctx or dist_utils.setup(cfg["device"])
+    ctx = ctx or process_group.setup(cfg["device"])
     try:
         return _train(dict(cfg), run_dir, resume, overwrite, progress, ctx, log)
     finally:
         if own_ctx:
-            dist_utils.teardown(ctx)
+            process_group.teardown(ctx)
 
 
 def _train(cfg: Dict[str, Any], run_dir: str, resume: bool, overwrite: bool, progress: bool,
-           ctx: dist_utils.DistContext, log: Callable[[str], None]) -> Dict[str, Any]:
+           ctx: process_group.DistContext, log: Callable[[str], None]) -> Dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     plan = plan_run(cfg, run_dir, resume=resume, overwrite=overwrite, ctx=ctx, log=log)  # checks only
