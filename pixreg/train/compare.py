@@ -62,17 +62,7 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
 
     Returns the summary dict written to ``compare.json``.
     """
-    slugs = [method_slug(m) for m in methods]
-    if len(set(slugs)) != len(slugs):
-        raise ValueError(f"--methods lists a method twice: {list(methods)}")
-    if not seeds:
-        raise ValueError("need at least one seed")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
-    budget = int(threads) if threads else (os.cpu_count() or 1)
-    if jobs > budget:
-        raise ValueError(f"--jobs {jobs} exceeds the thread budget --threads {budget} (one thread per run at least)")
-    run_threads = threads if jobs == 1 else budget // jobs
+    slugs, run_threads = _check_compare_args(methods, seeds, jobs, threads)
     base_cfg = resolve_config(config_path, overrides, device=device, threads=threads)
     check_output_folder(out_dir)
     for slug in slugs:  # every method's settings, datasets and options, before the first run trains
@@ -110,35 +100,59 @@ def compare(config_path: Optional[str], methods: Sequence[str], seeds: Sequence[
             if report_only:
                 seeds = _report_finished(specs, done, log)
             elif jobs == 1:
-                for i, spec in enumerate(specs):
-                    outer.set_description(f"compare [{spec.method} seed {spec.seed}]")
-                    t_run = time.perf_counter()
-                    metrics = train(spec.config(), spec.run_dir, resume=True, progress=progress, ctx=ctx, log=log)
-                    done(i, spec, metrics, time.perf_counter() - t_run)
+                _run_sequential(specs, done, outer, ctx, progress, log)
             else:
                 _run_parallel(specs, jobs, done, log)
         finally:
             outer.close()
         summary = summarize(runs, [int(s) for s in seeds], slugs)
-        summary["run_dirs"] = dirs
-        summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
-        summary["jobs"], summary["threads_per_run"] = jobs, run_threads
-        summary["config"] = base_cfg
+        summary.update(run_dirs=dirs, wall_time_s=round(time.perf_counter() - t0, 1), jobs=jobs,
+                       threads_per_run=run_threads, config=base_cfg)
         if ctx.is_main:
-            md = render_markdown(summary)
-            with open(os.path.join(out_dir, "compare.md"), "w") as f:
-                f.write(md)
-            write_json(summary, os.path.join(out_dir, "compare.json"))
-            try:
-                paths = plot_per_class(summary, out_dir)
-                summary["plots"] = paths
-            except ImportError as err:  # pragma: no cover - matplotlib missing
-                log(f"no per-class plot: {err}")
-            log(md)
+            _write_report(summary, out_dir, log)
         process_group.barrier(ctx)
         return summary
     finally:
         process_group.teardown(ctx)
+
+
+def _run_sequential(specs: Sequence["RunSpec"], done: Callable, outer, ctx, progress: bool,
+                    log: Callable[[str], None]) -> None:
+    """Train (or resume, or read back) every run in this process, one after the other."""
+    for i, spec in enumerate(specs):
+        outer.set_description(f"compare [{spec.method} seed {spec.seed}]")
+        t_run = time.perf_counter()
+        metrics = train(spec.config(), spec.run_dir, resume=True, progress=progress, ctx=ctx, log=log)
+        done(i, spec, metrics, time.perf_counter() - t_run)
+
+
+def _check_compare_args(methods: Sequence[str], seeds: Sequence[int], jobs: int,
+                        threads: Optional[int]) -> Tuple[List[str], Optional[int]]:
+    """Validate ``compare``'s arguments; return the method slugs and the threads per run."""
+    slugs = [method_slug(m) for m in methods]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"--methods lists a method twice: {list(methods)}")
+    if not seeds:
+        raise ValueError("need at least one seed")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
+    budget = int(threads) if threads else (os.cpu_count() or 1)
+    if jobs > budget:
+        raise ValueError(f"--jobs {jobs} exceeds the thread budget --threads {budget} (one thread per run at least)")
+    return slugs, (threads if jobs == 1 else budget // jobs)
+
+
+def _write_report(summary: Dict[str, Any], out_dir: str, log: Callable[[str], None]) -> None:
+    """Write ``compare.md``, ``compare.json`` and the per-class plots; print the table."""
+    md = render_markdown(summary)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(md)
+    write_json(summary, os.path.join(out_dir, "compare.json"))
+    try:
+        summary["plots"] = plot_per_class(summary, out_dir)
+    except ImportError as err:  # pragma: no cover - matplotlib missing
+        log(f"no per-class plot: {err}")
+    log(md)
 
 
 def degenerate_reasons(metrics: Mapping[str, Any]) -> List[str]:

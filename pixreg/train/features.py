@@ -191,33 +191,7 @@ def build_feature_cache(cfg: Mapping[str, Any], split: str, *, train: bool, prog
         labels = np.lib.format.open_memmap(os.path.join(tmp, "labels.npy"), mode="w+", dtype=label_dtype,
                                            shape=(n * nv, h, w))
         bar = progress_bar(total=n * nv, enabled=progress, desc=f"features {d['name']} {split}", unit="view", leave=True)
-        batch_img: List[torch.Tensor] = []
-        row = 0
-
-        def flush() -> None:
-            nonlocal row
-            with torch.no_grad():
-                outs = encoder(torch.stack(batch_img))
-            for arr, out in zip(levels, outs):
-                arr[row:row + len(batch_img)] = out.numpy().astype(spec["dtype"])
-            row += len(batch_img)
-            bar.update(len(batch_img))
-            batch_img.clear()
-
-        for i in range(n):
-            for v, (zoom, flip) in enumerate(views):
-                if zoom == 1.0:
-                    img, lbl = plain[i][:2]
-                    if flip:
-                        img, lbl = img.flip(-1), lbl.flip(-1)
-                else:
-                    img, lbl = _view(*native[i][:2], zoom, flip, size, _view_rng(int(d["seed"]), i, v))
-                labels[i * nv + v] = lbl.numpy().astype(label_dtype)
-                batch_img.append(img)
-                if len(batch_img) == spec["batch_size"]:
-                    flush()
-        if batch_img:
-            flush()
+        _encode_views(encoder, plain, native, views, spec, int(d["seed"]), size, levels, labels, bar)
         bar.close()
         for arr in levels + [labels]:
             arr.flush()
@@ -239,6 +213,40 @@ def build_feature_cache(cfg: Mapping[str, Any], split: str, *, train: bool, prog
         raise
     log(f"feature cache {folder}: {n} images x {nv} view(s) in {time.perf_counter() - t0:.0f} s")
     return folder
+
+
+def _encode_views(encoder, plain, native, views, spec: Mapping[str, Any], seed: int, size, levels, labels,
+                  bar) -> None:
+    """Encode every (image, view) pair in batches of ``spec["batch_size"]`` into the memmaps
+    ``levels`` (one per stride) and ``labels``; row ``i * len(views) + v`` is view ``v`` of image ``i``."""
+    nv = len(views)
+    batch_img: List[torch.Tensor] = []
+    row = 0
+
+    def flush() -> None:
+        nonlocal row
+        with torch.no_grad():
+            outs = encoder(torch.stack(batch_img))
+        for arr, out in zip(levels, outs):
+            arr[row:row + len(batch_img)] = out.numpy().astype(spec["dtype"])
+        row += len(batch_img)
+        bar.update(len(batch_img))
+        batch_img.clear()
+
+    for i in range(len(plain)):
+        for v, (zoom, flip) in enumerate(views):
+            if zoom == 1.0:
+                img, lbl = plain[i][:2]
+                if flip:
+                    img, lbl = img.flip(-1), lbl.flip(-1)
+            else:
+                img, lbl = _view(*native[i][:2], zoom, flip, size, _view_rng(seed, i, v))
+            labels[i * nv + v] = lbl.numpy().astype(labels.dtype)
+            batch_img.append(img)
+            if len(batch_img) == spec["batch_size"]:
+                flush()
+    if batch_img:
+        flush()
 
 
 class CachedFeatures(Dataset):
