@@ -108,6 +108,24 @@ def test_ratio_only_every_n_training_steps_and_not_in_eval():
     assert "ratio/car" not in wrapped.loss(wrapped(x), y).terms
 
 
+def test_loaded_criterion_continues_the_measurement_schedule():
+    """No warm-ups: a criterion loaded after 4 steps measures at steps 6 and 9 (as the saved
+    one would), not at its first call (a resumed run must log what an uninterrupted one logs)."""
+    crit = pixreg.RegularizedCriterion({"car": pixreg.Term(pixreg.CARLoss(K))}, balance_every=3).double()
+    wrapped = pixreg.RegularizedModel(toy_model(), crit, layers="1")
+    for s in range(4):
+        x, y = toy_batch(s)
+        wrapped.loss(wrapped(x), y)
+    fresh = pixreg.RegularizedCriterion({"car": pixreg.Term(pixreg.CARLoss(K))}, balance_every=3).double()
+    fresh.load_state_dict(crit.state_dict())
+    wrapped2 = pixreg.RegularizedModel(toy_model(), fresh, layers="1")
+    seen = []
+    for s in range(4, 10):
+        x, y = toy_batch(s)
+        seen.append("ratio/car" in wrapped2.loss(wrapped2(x), y).terms)
+    assert seen == [False, False, True, False, False, True]
+
+
 def test_gradient_norm_basics():
     x = torch.tensor([3.0, 4.0], requires_grad=True)
     y = torch.tensor([1.0], requires_grad=True)
