@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _machine import machine  # noqa: E402
+from _machine import machine, write_results  # noqa: E402
 from bench_losses import make_labels  # noqa: E402
 from pixreg.losses import lall  # noqa: E402
 
@@ -175,12 +174,7 @@ def main(argv=None) -> dict:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['offsets_s'] * 1e3:.1f} | {r['boxes_s'] * 1e3:.1f} | {r['uniform_part_s'] * 1e3:.1f} | "
                      f"{r['speedup']:.2f}x | {r['correction_pairs_per_pixel']:.2f} | {r['max_rel_diff']:.1e} |")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(res, fh, indent=1)
-    with open(args.out + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, res, lines)
     return res
 
 

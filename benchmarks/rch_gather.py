@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _machine import machine  # noqa: E402
+from _machine import machine, write_results  # noqa: E402
 from bench_losses import make_labels, peak_bytes  # noqa: E402
 from pixreg.losses import rch  # noqa: E402
 
@@ -106,12 +105,7 @@ def main(argv=None) -> dict:
         for name in ("gather first (before)", "table first (library)"):
             lines.append(f"| {calibration} | {name} | {r[name]['median_s'] * 1e3:.0f} | "
                          f"{r[name]['peak_bytes'] / 2**20:.0f} | {r['value_diff']:.1e} | {r['grad_max_diff']:.1e} |")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as fh:
-        json.dump(res, fh, indent=1)
-    with open(args.out + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, res, lines)
     return res
 
 
