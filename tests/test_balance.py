@@ -230,18 +230,22 @@ def test_term_loss_weight_validation_and_deprecated_weight():
 
 
 # ------------------------------------------------------------------------ DDP: same weight
+def _auto_car_run(rows: slice) -> "pixreg.RegularizedCriterion":
+    """Three calibration steps of an auto-weighted CAR term on ``rows`` of each toy batch."""
+    crit = pixreg.RegularizedCriterion(
+        {"car": pixreg.Term(pixreg.CARLoss(K), loss_weight="auto", calibration_steps=3)}, balance_every=1).double()
+    wrapped = pixreg.RegularizedModel(toy_model(), crit, layers="1")
+    for s in range(3):
+        x, y = toy_batch(50 + s)
+        wrapped.loss(wrapped(x[rows]), y[rows]).total.backward()
+    return crit
+
+
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        model = toy_model()
-        crit = pixreg.RegularizedCriterion(
-            {"car": pixreg.Term(pixreg.CARLoss(K), loss_weight="auto", calibration_steps=3)}, balance_every=1).double()
-        wrapped = pixreg.RegularizedModel(model, crit, layers="1")
-        for s in range(3):
-            x, y = toy_batch(50 + s)
-            x, y = x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2]
-            wrapped.loss(wrapped(x), y).total.backward()
+        crit = _auto_car_run(slice(2 * rank, 2 * rank + 2))
         torch.save(crit.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -253,13 +257,7 @@ def test_ddp_same_weight_on_every_rank_equal_to_one_process():
         states = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     assert torch.equal(states[0]["balance.car.weight"], states[1]["balance.car.weight"])
     assert bool(states[0]["balance.car.frozen"])
-    model = toy_model()
-    crit = pixreg.RegularizedCriterion(
-        {"car": pixreg.Term(pixreg.CARLoss(K), loss_weight="auto", calibration_steps=3)}, balance_every=1).double()
-    wrapped = pixreg.RegularizedModel(model, crit, layers="1")
-    for s in range(3):
-        x, y = toy_batch(50 + s)
-        wrapped.loss(wrapped(x), y).total.backward()
+    crit = _auto_car_run(slice(None))
     # the rank-local gradients are world_size x the single-process ones, for CE and the term alike
     torch.testing.assert_close(states[0]["balance.car.weight"], crit.state_dict()["balance.car.weight"], rtol=1e-9, atol=0)
 
