@@ -49,7 +49,7 @@ def _positive_int(text: str) -> int:
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", "-c", default=None,
-                       help="YAML configuration (default: the built-in defaults, identical to the built-in 'scenes'); a path or a built-in name: scenes, camvid")
+                       help="YAML configuration (default: the built-in defaults, identical to the built-in 'scenes'); a path or a built-in name: scenes, camvid, camvid_frozen")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a configuration key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="device (default: config, auto)")

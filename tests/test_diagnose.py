@@ -227,3 +227,14 @@ def test_report_is_offline_and_self_contained(report):
     imgs = re.findall(r"<img[^>]*src=['\"]([^'\"]+)", text)
     assert len(imgs) >= 8 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert "model features (no RCH head in this run)" in text and "RCH head<" in text
+
+
+def test_diagnose_with_an_unknown_split_fails_before_writing(report, capsys):
+    from pixreg.cli import main
+
+    out = report.parent / "bad_split_report"
+    assert main(["diagnose", str(report.parent / "ce"), "--split", "nope", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--set", f"data.cache_dir={report.parent / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

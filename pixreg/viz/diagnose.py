@@ -305,7 +305,6 @@ def diagnose(run_dirs: Sequence[str], out: str, *, split: Optional[str] = None, 
 
     if not run_dirs:
         raise ValueError("diagnose needs at least one run folder")
-    os.makedirs(out, exist_ok=True)
     over = list(overrides)
     if data is not None:
         over.append(f"data.name={json.dumps(data)}")
@@ -319,6 +318,7 @@ def diagnose(run_dirs: Sequence[str], out: str, *, split: Optional[str] = None, 
         ds = make_dataset(cfg, sp)
         runs.append(load_run(run_dir, checkpoint=checkpoint, device=device, label=label, dataset=ds, cfg=cfg))
         datasets[label] = (sp, ds, cfg)
+    os.makedirs(out, exist_ok=True)  # after the runs and splits are checked: a bad --split leaves no folder
     first = datasets[runs[0].label][1]
     class_names = [str(c) for c in getattr(first, "class_names", range(first.num_classes))]
     for label, (_, ds, _) in datasets.items():
