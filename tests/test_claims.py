@@ -69,3 +69,25 @@ def test_tiny_scoreboard_end_to_end(tmp_path):
     assert set(sim["collapsed"]) == {"car", "ce"} and all(0 <= n <= 2 for n in sim["collapsed"].values())
     md = open(tmp_path / "claims.md").read()
     assert "| CAR | class-centre similarity" in md and "Verdict counts" in md
+
+
+def test_camvid_rows_take_each_method_from_the_first_file_that_has_it(tmp_path, monkeypatch):
+    claims = load()
+
+    def summary(methods):
+        diff = {"mean": 0.5, "lo": 0.1, "hi": 0.9, "sd": 0.3, "n": 3}
+        test = {m: {"mIoU": {"mean": 40.0 + i, "values": [40.0 + i] * 3, "diff": None if m == "ce" else diff}}
+                for i, m in enumerate(methods)}
+        return {"seeds": [0, 1, 2], "command": "cmd", "splits": {"test": {"methods": test}}}
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "new.json").write_text(json.dumps(summary(["ce", "cplus1", "car"])))
+    (results / "old.json").write_text(json.dumps(summary(["ce", "cplus1", "car", "lall", "rch"])))
+    monkeypatch.setattr(claims, "ROOT", str(tmp_path))
+    monkeypatch.setattr(claims, "CAMVID_RESULTS", (("camvid", "new", "p1"), ("camvid", "old", "p2"),
+                                                   ("camvid (other)", "missing", "p3")))
+    rows = claims.all_camvid_rows()
+    assert [(r["a"], r["protocol"].split(":")[0]) for r in rows] == [
+        ("cplus1", "p1"), ("car", "p1"), ("lall", "p2"), ("rch", "p2")]
+    assert rows[0]["mean_a"] == 41.0 and rows[2]["mean_a"] == 43.0
