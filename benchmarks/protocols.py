@@ -135,6 +135,29 @@ def _curve(run_dir: str) -> List[tuple]:
         return [(int(r["step"]), float(r["mIoU"])) for r in csv.DictReader(f)]
 
 
+def _pull(run_dir: str) -> Dict[str, List[float]]:
+    """The gradient-balance measurements ``ratio/<term>`` logged in ``log.csv`` (a term's gradient
+    norm over CE's, at the features; at the logits for LALL; docs/balance.md)."""
+    path = os.path.join(run_dir, "log.csv")
+    out: Dict[str, List[float]] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            for k, v in r.items():
+                if k and k.startswith("ratio/") and v not in ("", None):
+                    out.setdefault(k[len("ratio/"):], []).append(float(v))
+    return out
+
+
+def _median_pull(run_dirs: List[str]) -> Dict[str, float]:
+    merged: Dict[str, List[float]] = {}
+    for d in run_dirs:
+        for term, values in _pull(d).items():
+            merged.setdefault(term, []).extend(values)
+    return {t: sorted(v)[len(v) // 2] for t, v in merged.items() if v}
+
+
 def _mean_curve(curves: List[List[tuple]]) -> Tuple[List[int], List[float]]:
     curves = [c for c in curves if c]
     if not curves:
@@ -195,6 +218,7 @@ def collect(name: str, seeds: Optional[int] = None) -> Optional[Dict[str, Any]]:
         "curves": {m: [r["curve"] for r in runs[m]] for m in p.methods},
         "late_gain_val_mIoU": _late_gain(steps, mean_curve),
         "late_gain_by_method": {m: _late_gain(*_mean_curve([r["curve"] for r in runs[m]])) for m in p.methods},
+        "median_pull": {m: _median_pull([os.path.join(base, m, f"seed{s}") for s in done]) for m in regs},
     }
     if "lall" in diffs:  # the regularizer every protocol ran
         row["lall_test_mIoU"] = mean_std(test["lall"])
@@ -287,6 +311,11 @@ def report(rows: List[Dict[str, Any]], command: str) -> str:
         gains = r.get("late_gain_by_method") or {}
         if len(gains) > 1:
             lines.append("  late gain per method: " + ", ".join(f"{m} {_f(g, '{:+.2f}')}" for m, g in gains.items()))
+        pulls = {m: p for m, p in (r.get("median_pull") or {}).items() if p}
+        if pulls:
+            lines.append("  gradient pull (median `ratio/<term>`: the term's gradient norm over CE's at the features, "
+                         "at the logits for LALL): " + ", ".join(
+                             f"{m} " + "/".join(f"{v:.3g}" for v in p.values()) for m, p in pulls.items()))
         if r.get("cpu_time", {}) and r["cpu_time"].get("cache_build_cpu_s") is not None:
             lines.append(f"  one-time feature-cache build (train 6 views, val, test): "
                          f"{r['cpu_time']['cache_build_cpu_s']:.0f} CPU s, shared by every run")

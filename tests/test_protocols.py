@@ -41,3 +41,17 @@ def test_summary_pairs_seeds_and_reads_the_curves(tmp_path, monkeypatch):
     assert "| scratch_800:" in text and "+1.00 [" in text
     # a protocol with a missing run is not summarised
     assert mod.collect("lite0_800", 3) is None
+
+
+def test_median_pull_reads_the_balance_ratios_of_every_seed(tmp_path):
+    mod = load()
+    dirs = []
+    for seed, ratios in enumerate([["0.1", "", "0.3"], ["0.2", "0.5", ""]]):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        rows = "".join(f"{i},1.0,{r}\n" for i, r in enumerate(ratios))
+        (d / "log.csv").write_text("step,ce,ratio/lall\n" + rows)
+        dirs.append(str(d))
+    dirs.append(str(tmp_path / "no_log"))  # a run without a log adds nothing
+    assert mod._median_pull(dirs) == {"lall": 0.3}  # of 0.1, 0.3, 0.2, 0.5 (upper median)
+    assert mod._median_pull([str(tmp_path / "no_log")]) == {}
