@@ -43,6 +43,11 @@ def test_judge_directions():
     assert claims.judge(up, -1).startswith("not supported")
     assert claims.judge({"mean": 0.1, "lo": -1.0, "hi": 1.2}, +1) == "inconclusive at this power"
     assert claims.judge({"mean": None, "lo": None, "hi": None}, +1) == "not run"
+    small = {"mean": 0.1, "lo": -0.1, "hi": 0.3}
+    assert claims.judge(small, +1) == "inconclusive at this power"
+    assert claims.judge(small, +1, 0.5).startswith("not supported at the claimed size")
+    assert claims.judge({"mean": 0.3, "lo": -0.1, "hi": 0.7}, +1, 0.5) == "inconclusive at this power"
+    assert claims.judge({"mean": -0.1, "lo": -0.3, "hi": 0.1}, -1, 0.5).startswith("not supported at the claimed size")
 
 
 def test_tiny_scoreboard_end_to_end(tmp_path):
