@@ -2,7 +2,7 @@
 # CamVid verdicts on the frozen-encoder protocol (issue 14): `pixreg compare` of CE and each
 # regularizer over 8 paired seeds, then CE vs the best pair, on the built-in configuration
 # camvid_frozen (ImageNet-pretrained EfficientNet-Lite0 frozen, its stride-8/16/32 features of
-# 6 fixed views per training image cached once; FPN decoder width 64 + classifier trained 2400
+# 6 fixed views per training image cached once; FPN decoder width 64 + classifier trained 4800
 # steps of 8 with AdamW lr 0.002 + poly; 90x120; final model on the full val and test splits;
 # the library's default settings of every regularizer).
 # Writes benchmarks/results/camvid_frozen.{md,json} (and camvid_frozen_pair.*) with the command,
@@ -13,7 +13,7 @@
 # PAIR (default lall+rch: the two best single methods of the 8-seed table) is the combination
 # compared with CE in the second table. Runs go to runs/protocols/frozen_$STEPS (shared with
 # benchmarks/protocols.py); interrupted runs resume, finished ones are read. JOBS (default 2)
-# runs at once, one thread each. STEPS (default 2400) is the schedule. REPORT_ONLY=1 trains
+# runs at once, one thread each. STEPS (default 4800) is the schedule. REPORT_ONLY=1 trains
 # nothing and tabulates the seeds finished for every method. C+1: Sky (class 0) plays the
 # background class.
 set -euo pipefail
@@ -23,10 +23,10 @@ PAIR=${2:-lall+rch}
 shift $(( $# > 2 ? 2 : $# )) || true
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-8}
-STEPS=${STEPS:-2400}
+STEPS=${STEPS:-4800}
 PY=${PYTHON:-.venv/bin/python}
 OUT=runs/protocols/frozen_$STEPS
-SUFFIX=$([ "$STEPS" = 2400 ] && echo "" || echo "_$STEPS")
+SUFFIX=$([ "$STEPS" = 4800 ] && echo "" || echo "_$STEPS")
 EXTRA=(--set data.cache_dir=runs/cache --set "train.steps=$STEPS" --no-progress)
 [ "${REPORT_ONLY:-0}" = 1 ] && EXTRA+=(--report-only)
 for METHODS in ce,cplus1,car,lall,rch "ce,$PAIR"; do
