@@ -63,6 +63,16 @@ def test_builtin_configs_by_name_or_former_path(tmp_path, monkeypatch):
         find_config("elsewhere/camvid.yaml")  # a real path is never silently replaced
 
 
+def test_config_help_names_every_builtin_config():
+    from pixreg.cli import build_parser
+    from pixreg.train.config import builtin_configs
+
+    sub = next(a for a in build_parser()._actions if a.choices and "train" in a.choices).choices
+    for command in ("train", "compare"):
+        text = " ".join(sub[command].format_help().split())
+        assert all(name in text for name in builtin_configs())
+
+
 def test_overrides_are_yaml_and_checked():
     cfg = resolve_config(None, ["train.lr=0.5", "data.size=[40, 48]", "methods.car.eps0=0.3", "model.opts.width=8"])
     assert cfg["train"]["lr"] == 0.5 and cfg["data"]["size"] == [40, 48]
