@@ -211,6 +211,8 @@ def judge(diff: Dict[str, Any], direction: int, smallest_claimed: Optional[float
         return "inconclusive (one seed)"
     lo, hi = (diff["lo"], diff["hi"]) if direction > 0 else (-diff["hi"], -diff["lo"])
     if lo > 0:
+        if smallest_claimed is not None and hi < smallest_claimed:
+            return f"supported, but smaller than claimed (a gain of {smallest_claimed:g} or more is excluded)"
         return "supported"
     if hi < 0:
         return "not supported (opposite holds)"
@@ -376,7 +378,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{os.cpu_count()} cores  \nDate: {datetime.date.today().isoformat()}  \n{proto}.  \n"
               "Verdict: 95% paired t-interval of a − b in the claimed direction above 0 = supported, below 0 = "
               "not supported, else inconclusive at this power (CamVid mIoU rows: 'not supported at the claimed "
-              "size' when the interval lies below +0.5, the papers' smallest gain); 'detectable' = smallest "
+              "size' or 'supported, but smaller than claimed' when the interval's upper end lies below +0.5, "
+              "the papers' smallest gain); 'detectable' = smallest "
               "difference these seeds detect with 80% power.")
     md = render(rows, header)
     os.makedirs(os.path.dirname(args.results), exist_ok=True)

@@ -70,10 +70,6 @@ PROTOCOLS: Dict[str, Protocol] = {
     "frozen_4800": Protocol("EfficientNet-Lite0 ImageNet-pretrained, frozen: cached stride-8/16/32 features "
                             "(6 views), FPN decoder width 64, 4800 steps", "camvid_frozen",
                             ["data.cache_dir=runs/cache", "train.steps=4800"], ("ce",) + REGULARIZERS, 8),
-    # the levelling-off check of frozen_4800: the schedule doubled once more (CE only)
-    "frozen_9600": Protocol("EfficientNet-Lite0 ImageNet-pretrained, frozen: cached stride-8/16/32 features "
-                            "(6 views), FPN decoder width 64, 9600 steps", "camvid_frozen",
-                            ["data.cache_dir=runs/cache", "train.steps=9600"], ("ce",), 2),
 }
 COMMON = ["data.size=[90, 120]", "train.eval_every=100", "train.warmup_steps=50", "train.ckpt_every=100"]
 #: Effects the cost columns are computed for (mIoU points).

@@ -47,6 +47,8 @@ def test_judge_directions():
     assert claims.judge(small, +1) == "inconclusive at this power"
     assert claims.judge(small, +1, 0.5).startswith("not supported at the claimed size")
     assert claims.judge({"mean": 0.3, "lo": -0.1, "hi": 0.7}, +1, 0.5) == "inconclusive at this power"
+    assert claims.judge({"mean": 0.2, "lo": 0.05, "hi": 0.4}, +1, 0.5).startswith("supported, but smaller than claimed")
+    assert claims.judge({"mean": 0.6, "lo": 0.05, "hi": 1.2}, +1, 0.5) == "supported"
     assert claims.judge({"mean": -0.1, "lo": -0.3, "hi": 0.1}, -1, 0.5).startswith("not supported at the claimed size")
 
 
