@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/camvid_frozen.sh /path/to/CamVid [PAIR] [extra pixreg compare options]
 #
-# PAIR (default lall+rch: the two best single methods of the 8-seed table) is the combination
+# PAIR (default cplus1+lall: the two best single methods on val at 4800 steps) is the combination
 # compared with CE in the second table. Runs go to runs/protocols/frozen_$STEPS (shared with
 # benchmarks/protocols.py); interrupted runs resume, finished ones are read. JOBS (default 2)
 # runs at once, one thread each. STEPS (default 4800) is the schedule. REPORT_ONLY=1 trains
@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-${PIXREG_CAMVID:?usage: bash benchmarks/camvid_frozen.sh /path/to/CamVid [pair] [options] (or set PIXREG_CAMVID)}}
-PAIR=${2:-lall+rch}
+PAIR=${2:-cplus1+lall}
 shift $(( $# > 2 ? 2 : $# )) || true
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-8}
