@@ -203,8 +203,9 @@ PAPER_GAIN = 0.5
 
 def judge(diff: Dict[str, Any], direction: int, smallest_claimed: Optional[float] = None) -> str:
     """Verdict of a claim from the 95 % interval of its paired difference (``direction`` +1: a
-    higher ``a`` supports it). With ``smallest_claimed``, an inconclusive interval whose upper end
-    (in the claimed direction) is below it says that a gain that large is excluded."""
+    higher ``a`` supports it). With ``smallest_claimed``, an interval whose upper end (in the
+    claimed direction) is below it says that a gain that large is excluded (supported but smaller
+    than claimed, or not supported at the claimed size)."""
     if diff["mean"] is None:
         return "not run"
     if diff["lo"] is None:
