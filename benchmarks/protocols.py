@@ -66,7 +66,7 @@ PROTOCOLS: Dict[str, Protocol] = {
     "frozen_2400": Protocol("EfficientNet-Lite0 ImageNet-pretrained, frozen: cached stride-8/16/32 features "
                             "(6 views), FPN decoder width 64, 2400 steps", "camvid_frozen",
                             ["data.cache_dir=runs/cache", "train.steps=2400"], ("ce",) + REGULARIZERS, 8),
-    # doubling 2400 added +1.0 test mIoU to CE (4 seeds): the verdicts use 4800 (benchmarks/camvid_frozen.sh)
+    # doubling 2400 added +0.97 [+0.44, +1.51] test mIoU to CE (8 seeds): the verdicts use 4800 (camvid_frozen.sh)
     "frozen_4800": Protocol("EfficientNet-Lite0 ImageNet-pretrained, frozen: cached stride-8/16/32 features "
                             "(6 views), FPN decoder width 64, 4800 steps", "camvid_frozen",
                             ["data.cache_dir=runs/cache", "train.steps=4800"], ("ce",) + REGULARIZERS, 8),
