@@ -135,26 +135,17 @@ def _curve(run_dir: str) -> List[tuple]:
         return [(int(r["step"]), float(r["mIoU"])) for r in csv.DictReader(f)]
 
 
-def _pull(run_dir: str) -> Dict[str, List[float]]:
-    """The gradient-balance measurements ``ratio/<term>`` logged in ``log.csv`` (a term's gradient
-    norm over CE's, at the features; at the logits for LALL; docs/balance.md)."""
-    path = os.path.join(run_dir, "log.csv")
-    out: Dict[str, List[float]] = {}
-    if not os.path.exists(path):
-        return out
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            for k, v in r.items():
-                if k and k.startswith("ratio/") and v not in ("", None):
-                    out.setdefault(k[len("ratio/"):], []).append(float(v))
-    return out
-
-
 def _median_pull(run_dirs: List[str]) -> Dict[str, float]:
+    """Median over ``run_dirs`` of the gradient-balance measurements ``ratio/<term>`` in their
+    ``log.csv`` (a term's gradient norm over CE's, at the features; at the logits for LALL;
+    docs/balance.md)."""
+    from pixreg.viz.diagnose import read_curves  # the one log.csv reader (NaN where not measured)
+
     merged: Dict[str, List[float]] = {}
     for d in run_dirs:
-        for term, values in _pull(d).items():
-            merged.setdefault(term, []).extend(values)
+        for key, values in read_curves(d).items():
+            if key.startswith("ratio/"):
+                merged.setdefault(key[len("ratio/"):], []).extend(float(v) for v in values if not math.isnan(v))
     return {t: sorted(v)[len(v) // 2] for t, v in merged.items() if v}
 
 
